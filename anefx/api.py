@@ -1,0 +1,65 @@
+"""anefx.compile: capture → legalize → rules (verified) → lowering."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from anefx.capture import capture
+from anefx.compiled import CompiledModel
+from anefx.errors import UnknownRuleError
+from anefx.lower import NEURAL_ENGINE_UNITS, check_options, lower
+from anefx.pipeline import Tolerance, run_pipeline
+from anefx.rule import Rule
+
+log = logging.getLogger("anefx")
+
+
+def compile(model: torch.nn.Module, example_args: Any, example_kwargs: dict | None = None, *,
+            compute_units: str = "CPU_AND_NE", deployment_target: str = "iOS18", precision: str = "fp16",
+            rules: Sequence[Rule | str] | None = None, verify: bool = True,
+            progress: Callable[[str], None] | None = None) -> CompiledModel:
+    """Compile `model` for the example inputs into a CoreML ML program. See docs/api.md."""
+    check_options(compute_units, deployment_target, precision)
+    say = progress or (lambda msg: log.info(msg))
+    chosen = resolve_rules(rules, compute_units)
+    say("capture")
+    cap = capture(model, example_args, example_kwargs)
+    rewritten, records, snapshots = run_pipeline(
+        cap.exported, chosen, (cap.args, cap.kwargs), verify=verify, tolerance=Tolerance(), progress=say)
+    say("lower")
+    mlmodel = lower(rewritten, input_names=cap.input_names, output_names=cap.output_names,
+                    compute_units=compute_units, deployment_target=deployment_target, precision=precision)
+    return CompiledModel(
+        exported=cap.exported, rewritten=rewritten, mlmodel=mlmodel, passes=records, snapshots=snapshots,
+        input_names=cap.input_names, output_names=cap.output_names,
+        options={"compute_units": compute_units, "deployment_target": deployment_target,
+                 "precision": precision, "rules": [r.name for r in chosen], "verify": verify},
+        notes=cap.notes, _out_spec=pytree.tree_structure(cap.reference))
+
+
+def resolve_rules(rules: Sequence[Rule | str] | None, compute_units: str) -> list[Rule]:
+    """An explicit list wins; otherwise the default rules, ANE rules only for ANE compute units."""
+    from rewrites import RULES
+
+    if rules is None:
+        on_ane = compute_units in NEURAL_ENGINE_UNITS
+        return [r for r in RULES if on_ane or not r.ane]
+    by_name = {r.name: r for r in RULES}
+    chosen = []
+    for r in rules:
+        if isinstance(r, Rule):
+            chosen.append(r)
+        elif r in by_name:
+            chosen.append(by_name[r])
+        else:
+            raise UnknownRuleError(f"unknown rule {r!r}; known rules: {', '.join(by_name)}.")
+    return chosen
+
+
+def default_rules(compute_units: str = "CPU_AND_NE") -> list[Rule]:
+    return resolve_rules(None, compute_units)

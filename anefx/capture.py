@@ -1,0 +1,229 @@
+"""Capture: check what the user handed us, run it once eagerly, export it, name its inputs/outputs."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+from torch.utils import _pytree as pytree
+
+from anefx.errors import CaptureError, InvalidExampleError, InvalidModelError
+
+_CONSTANT_KWARG_TYPES = (bool, int, float, str, type(None))
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) for m in (torch,) if m.__file__) + (
+    os.path.dirname(os.path.dirname(__file__)),)
+
+
+@dataclass
+class Captured:
+    exported: ExportedProgram  # after run_decompositions({})
+    args: tuple
+    kwargs: dict
+    reference: Any  # the eager model's output on the example (original pytree form)
+    input_names: list[str]
+    output_names: list[str]
+    notes: list[str]
+
+
+def check_inputs(model: Any, example_args: Any, example_kwargs: Any) -> tuple[tuple, dict]:
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidModelError(
+            f"anefx.compile expects a torch.nn.Module, got {type(model).__name__}. "
+            "Wrap a function in an nn.Module whose forward calls it.")
+    if isinstance(example_args, torch.Tensor):
+        example_args = (example_args,)
+    if isinstance(example_args, list):
+        example_args = tuple(example_args)
+    if not isinstance(example_args, tuple):
+        raise InvalidExampleError(
+            f"example_args must be a tuple of tensors, got {type(example_args).__name__}; "
+            "pass e.g. (torch.randn(1, 32, 64),).")
+    example_kwargs = dict(example_kwargs or {})
+    for path, leaf in pytree.tree_flatten_with_path(example_args)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            raise InvalidExampleError(
+                f"example_args{pytree.keystr(path)} is a {type(leaf).__name__}, not a tensor; "
+                "every positional example must be a tensor (pass flags through example_kwargs).")
+    for path, leaf in pytree.tree_flatten_with_path(example_kwargs)[0]:
+        if not isinstance(leaf, (torch.Tensor, *_CONSTANT_KWARG_TYPES)):
+            raise InvalidExampleError(
+                f"example_kwargs{pytree.keystr(path)} is a {type(leaf).__name__}; keyword examples "
+                "must be tensors or plain constants (bool, int, float, str, None).")
+    return example_args, example_kwargs
+
+
+def run_eager(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Run the model once on the example: the reference output, and a clear error when shapes are off."""
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - re-raised as an actionable error
+        where = user_frame(exc)
+        shapes = ", ".join(_describe(a) for a in args)
+        kw = ", ".join(f"{k}={_describe(v)}" for k, v in kwargs.items())
+        raise InvalidExampleError(
+            f"the model fails on the example inputs ({shapes}{', ' if kw else ''}{kw}): "
+            f"{type(exc).__name__}: {_first_line(exc)}{where}. "
+            "Pass example inputs with the shapes and dtypes the model expects.") from exc
+
+
+def export(model: torch.nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:  # noqa: BLE001 - re-raised as an actionable error
+        raise CaptureError(capture_message(exc)) from exc
+    ep = ep.run_decompositions({})
+    drop_constant_inputs(ep, args, kwargs)
+    return ep
+
+
+def drop_constant_inputs(ep: ExportedProgram, args: tuple, kwargs: dict) -> None:
+    """Keyword constants (use_cache=False, …) are specialised into the graph: take them out of the
+    program's inputs so it is called with tensors only, as the CoreML model will be."""
+    from torch.export.graph_signature import ConstantArgument
+
+    specs = ep.graph_signature.input_specs
+    constant = {s.arg.name for s in specs if isinstance(s.arg, ConstantArgument)}
+    if not constant:
+        return
+    graph = ep.graph_module.graph
+    for node in [n for n in graph.nodes if n.op == "placeholder" and n.name in constant]:
+        graph.erase_node(node)
+    specs[:] = [s for s in specs if s.arg.name not in constant]
+    tensors = {k: v for k, v in kwargs.items() if not isinstance(v, _CONSTANT_KWARG_TYPES)}
+    signature = ep.module_call_graph[0].signature
+    signature.in_spec = pytree.tree_structure((args, tensors))
+    ep.example_inputs = (args, tensors)
+    if signature.forward_arg_names:  # ep.module() builds its forward signature from these
+        signature.forward_arg_names = [n for n in signature.forward_arg_names if n not in constant]
+    ep.graph_module.recompile()
+    ep.validate()
+
+
+def capture_message(exc: BaseException) -> str:
+    text = str(exc)
+    key = _key_line(text)
+    where = user_frame(exc)
+    if "data-dependent" in text or "GuardOnDataDependent" in type(exc).__name__:
+        advice = ("the model branches on a tensor's value. Replace the Python `if`/`while` on tensor data "
+                  "with torch.where (or torch.cond), or make it depend on shapes only")
+    elif "not a known type" in text or "pytree" in text:
+        advice = ("the model returns a Python object torch.export cannot flatten. Return tensors (or "
+                  "tuples/dicts of them), or pass a keyword that switches the object off (e.g. use_cache=False)")
+    else:
+        advice = "rewrite that line with tensor operations torch.export supports"
+    return f"torch.export could not capture the model: {key}{where}. To fix: {advice}."
+
+
+def _key_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if re.search(r"data-dependent|not a known type|Unsupported|not supported|Could not", ln):
+            return ln
+    return lines[0] if lines else "(no message)"
+
+
+def user_frame(exc: BaseException) -> str:
+    """' at file.py:12: `source line`' for the innermost frame in the user's code ('' if none)."""
+    frames = []
+    seen: BaseException | None = exc
+    while seen is not None:  # the user's frame may sit in a chained exception
+        frames = traceback.extract_tb(seen.__traceback__) + frames
+        seen = seen.__cause__ or seen.__context__
+    for fr in reversed(frames):
+        path = os.path.abspath(fr.filename)
+        if _is_library(path) or not fr.line:
+            continue
+        return f" at {os.path.basename(path)}:{fr.lineno}: `{fr.line.strip()}`"
+    return ""
+
+
+def _is_library(path: str) -> bool:
+    return (path.startswith(_LIBRARY_DIRS) or "site-packages" in path or "dist-packages" in path
+            or path.startswith(os.path.dirname(os.__file__)) or path.startswith("<"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"Tensor{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+    return repr(x)
+
+
+def default_kwargs(model: torch.nn.Module, kwargs: dict, notes: list[str]) -> dict:
+    """Keywords that keep the export stateless without touching the model (e.g. use_cache=False)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if "use_cache" in params and "use_cache" not in kwargs:
+        notes.append("called the model with use_cache=False: a stateless program returns no KV cache")
+        return {**kwargs, "use_cache": False}
+    return kwargs
+
+
+def output_names(reference: Any) -> list[str]:
+    """Readable names for the flattened outputs: 'logits', 'last_hidden_state', 'output_0', …"""
+    leaves = pytree.tree_flatten_with_path(reference)[0]
+    names: list[str] = []
+    for path, _leaf in leaves:
+        parts = [_key_name(k) for k in path]
+        name = "_".join(p for p in parts if p) or "output"
+        if parts and all(p.isdigit() for p in parts):
+            name = "output_" + name
+        name = re.sub(r"\W", "_", name)
+        names.append(_unique(name, names))
+    return names
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _unique(name: str, taken: list[str]) -> str:
+    base, i = name, 1
+    while name in taken:
+        name = f"{base}_{i}"
+        i += 1
+    return name
+
+
+def capture(model: torch.nn.Module, example_args: Any, example_kwargs: Any) -> Captured:
+    args, kwargs = check_inputs(model, example_args, example_kwargs)
+    notes: list[str] = []
+    kwargs = default_kwargs(model, kwargs, notes)
+    was_training = model.training
+    model.eval()
+    try:
+        reference = run_eager(model, args, kwargs)
+        for path, leaf in pytree.tree_flatten_with_path(reference)[0]:
+            if not isinstance(leaf, torch.Tensor):
+                raise CaptureError(
+                    f"the model's output{pytree.keystr(path)} is a {type(leaf).__name__}, not a tensor. "
+                    "Return only tensors (or tuples/dicts of them), or pass a keyword that turns it off.")
+        ep = export(model, args, kwargs)
+    finally:
+        model.train(was_training)
+    placeholders = {n.name: n for n in ep.graph_module.graph.nodes if n.op == "placeholder"}
+    input_names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"
+                   and isinstance(placeholders[s.arg.name].meta.get("val"), torch.Tensor)]
+    return Captured(ep, args, kwargs, reference, input_names, output_names(reference), notes)
+
+
+def is_macos() -> bool:
+    return sys.platform == "darwin"

@@ -1,0 +1,93 @@
+"""Graph fixes every program needs before coremltools accepts it (they run whatever the rules).
+
+- `_assert_tensor_metadata` nodes are checks with no value; they also hide matches from patterns.
+- `aten.alias` (HF logits slicing) has no coremltools converter; an alias is its input.
+- Subgraphs that depend on no user input and no parameter (HF's causal-mask construction with
+  `aten.diff` / `aten.new_ones`, rotary cos/sin tables, position ids) are evaluated once and become
+  lifted constants: the shapes are static, so their values are too.
+- SDPA's `scale=` equal to the default 1/sqrt(head_dim) is dropped (HF always passes it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+import torch.fx as fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from anefx.graph import add_constant, constant_value, copy_provenance, finish
+
+aten = torch.ops.aten
+DROPPED = (aten._assert_tensor_metadata.default,)
+ALIASES = (aten.alias.default, aten.lift_fresh_copy.default)
+NONDETERMINISTIC = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "empty")
+FOLD_LIMIT = 1 << 24  # elements; a larger input-free tensor stays computed in the program
+
+
+def legalize(ep: ExportedProgram) -> Counter:
+    """Apply the fixes in place; returns what was done, e.g. {'folded': 3, 'alias': 1}."""
+    done: Counter = Counter()
+    graph = ep.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in DROPPED:
+            graph.erase_node(node)
+            done["assert"] += 1
+        elif node.target in ALIASES:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            done["alias"] += 1
+        elif node.target is aten.scaled_dot_product_attention.default and _default_scale(node):
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "scale"}
+            done["sdpa_scale"] += 1
+    done["folded"] = fold_constants(ep)
+    finish(ep)
+    return +done
+
+
+def _default_scale(node: fx.Node) -> bool:
+    scale = node.kwargs.get("scale")
+    if scale is None:
+        return False
+    head_dim = node.args[0].meta["val"].shape[-1]
+    return math.isclose(float(scale), 1 / math.sqrt(int(head_dim)), rel_tol=1e-9)
+
+
+def fold_constants(ep: ExportedProgram) -> int:
+    """Replace input- and parameter-free subgraphs by their values; returns the number folded."""
+    graph = ep.graph_module.graph
+    values: dict[fx.Node, object] = {}
+    params = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.PARAMETER}
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.name not in params:
+            value = constant_value(node, ep)
+            if value is not None:
+                values[node] = value
+        elif node.op == "call_function" and _foldable(node, values):
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
+            values[node] = node.target(*args, **kwargs)
+    folded = 0
+    for node, value in values.items():
+        if node.op != "call_function" or not isinstance(value, torch.Tensor):
+            continue
+        if value.numel() > FOLD_LIMIT or all(u in values for u in node.users):
+            continue
+        with graph.inserting_before(node):
+            const = add_constant(ep, f"_folded_{node.name}", value.detach().clone().contiguous())
+        copy_provenance(const, node, "legalize")
+        node.replace_all_uses_with(const)
+        folded += 1
+    return folded
+
+
+def _foldable(node: fx.Node, values: dict) -> bool:
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    schema = node.target._schema
+    if schema.is_mutable or any(word in schema.name for word in NONDETERMINISTIC):
+        return False
+    return all(n in values for n in node.all_input_nodes) and isinstance(node.meta.get("val"), torch.Tensor)

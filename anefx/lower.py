@@ -1,0 +1,117 @@
+"""Lowering: ExportedProgram → CoreML ML program, and reading back what was produced."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+from torch.export import ExportedProgram
+
+from anefx.errors import LoweringError, OptionError
+
+COMPUTE_UNITS = ("CPU_AND_NE", "ALL", "CPU_ONLY", "CPU_AND_GPU")
+NEURAL_ENGINE_UNITS = ("CPU_AND_NE", "ALL")
+PRECISIONS = ("fp16", "fp32")
+TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
+
+
+def check_options(compute_units: str, deployment_target: str, precision: str) -> None:
+    for value, allowed, what in ((compute_units, COMPUTE_UNITS, "compute_units"),
+                                 (deployment_target, TARGETS, "deployment_target"),
+                                 (precision, PRECISIONS, "precision")):
+        if value not in allowed:
+            raise OptionError(f"{what}={value!r} is not one of {', '.join(allowed)}.")
+
+
+def _quiet_coremltools():
+    # coremltools logs its untested-torch warning and missing native proxies at import (see
+    # `anefx doctor`), and draws tqdm bars on stderr during conversion; anefx reports its own progress
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    import coremltools as ct
+
+    return ct
+
+
+def lower(ep: ExportedProgram, *, input_names: list[str], output_names: list[str],
+          compute_units: str = "CPU_AND_NE", deployment_target: str = "iOS18",
+          precision: str = "fp16", load: bool | None = None) -> Any:
+    """Convert with coremltools. int64 inputs become int32 (CoreML has no int64 input)."""
+    ct = _quiet_coremltools()
+    from anefx import ops  # noqa: F401 - registers the converters of anefx's custom ops
+
+    inputs = [_input_type(ct, name, node) for name, node in _user_placeholders(ep, input_names)]
+    outputs = [ct.TensorType(name=name) for name in output_names]
+    load = _can_run_coreml() if load is None else load
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return ct.convert(
+                ep, convert_to="mlprogram", inputs=inputs, outputs=outputs,
+                minimum_deployment_target=getattr(ct.target, deployment_target),
+                compute_units=getattr(ct.ComputeUnit, compute_units),
+                compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
+                skip_model_load=not load)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the op and what to do
+        raise LoweringError(lowering_message(exc, ep)) from exc
+
+
+def _user_placeholders(ep: ExportedProgram, names: list[str]):
+    by_name = {n.name: n for n in ep.graph_module.graph.nodes if n.op == "placeholder"}
+    return [(name, by_name[name]) for name in names]
+
+
+def _input_type(ct, name: str, node) -> Any:
+    val = node.meta["val"]
+    dtype = {torch.int64: np.int32, torch.int32: np.int32, torch.bool: bool,
+             torch.float16: np.float16}.get(val.dtype, np.float32)
+    return ct.TensorType(name=name, shape=tuple(int(d) for d in val.shape), dtype=dtype)
+
+
+def lowering_message(exc: BaseException, ep: ExportedProgram) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    unsupported = [n for n in ep.graph_module.graph.nodes
+                   if n.op == "call_function" and _op_key(n) in first]
+    where = ""
+    if unsupported:
+        from anefx.graph import module_path
+
+        node = unsupported[0]
+        where = f" (node {node.name} from {module_path(node) or 'the top-level module'})"
+    return (f"coremltools could not lower the program: {first}{where}. Rewrite that operation in the "
+            "model, or report it to anefx with the model's config so a rule can handle it.")
+
+
+def _op_key(node) -> str:
+    return str(node.target).split(".")[-2] if "." in str(node.target) else str(node.target)
+
+
+def _can_run_coreml() -> bool:
+    import sys
+
+    return sys.platform == "darwin"
+
+
+def mil_operations(mlmodel: Any) -> list[Any]:
+    """Every MIL operation of the main function (nested blocks included)."""
+    func = mlmodel._mil_program.functions["main"]
+    ops: list[Any] = []
+
+    def walk(block):
+        for op in block.operations:
+            ops.append(op)
+            for inner in getattr(op, "blocks", []):
+                walk(inner)
+
+    walk(func)
+    return ops
+
+
+def mil_histogram(mlmodel: Any, include_const: bool = False) -> Counter:
+    return Counter(op.op_type for op in mil_operations(mlmodel) if include_const or op.op_type != "const")

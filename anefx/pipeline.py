@@ -1,0 +1,134 @@
+"""The rewrite pipeline: legalize, then each rule in order, each verified and snapshotted.
+
+Every stage works on a snapshot of the program before it (weights shared, graph copied). With
+verification on, the stage's program runs on the example inputs and is compared with the program
+before it; a stage whose outputs drift beyond tolerance is rolled back and reported, never shipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.export import ExportedProgram
+from torch.utils import _pytree as pytree
+
+from anefx.errors import AnefxError, RuleError
+from anefx.graph import op_histogram, snapshot
+from anefx.legalize import legalize
+from anefx.rule import Refusal, Rule, apply_rule
+
+log = logging.getLogger("anefx")
+
+
+@dataclass
+class PassRecord:
+    """What one stage did. `status`: applied | no-match | rolled-back."""
+
+    name: str
+    matches: int = 0
+    refusals: list[Refusal] = field(default_factory=list)
+    op_delta: dict[str, int] = field(default_factory=dict)
+    ms: float = 0.0
+    status: str = "applied"
+    max_error: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class Tolerance:
+    """Relative to the largest magnitude of each output: |a - b|max ≤ atol + rtol · |b|max."""
+
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+
+def run_pipeline(ep: ExportedProgram, rules: Sequence[Rule], example: tuple[tuple, dict], *,
+                 verify: bool = True, tolerance: Tolerance | None = None,
+                 progress: Callable[[str], None] | None = None
+                 ) -> tuple[ExportedProgram, list[PassRecord], list[tuple[str, ExportedProgram]]]:
+    """Returns the final program, one record per stage, and (stage name, program) snapshots."""
+    tolerance = tolerance or Tolerance()
+    say = progress or (lambda msg: log.info(msg))
+    snapshots = [("captured", ep)]
+    current = snapshot(ep)
+    say("legalize")
+    record = _legalize(current)
+    outputs = _run(current, example)
+    snapshots.append(("legalize", current))
+    records = [record]
+    for rule in rules:
+        say(f"rule {rule.name}")
+        candidate = snapshot(current)
+        record = _apply(rule, candidate, [name for name, _ in snapshots])
+        if record.status == "applied" and verify:
+            new_outputs = _run(candidate, example)
+            record.max_error, ok = compare(new_outputs, outputs, tolerance)
+            if not ok:
+                record.status = "rolled-back"
+                record.detail = (f"outputs differ from the graph before the rule by {record.max_error:.3g} "
+                                 f"(relative), beyond rtol={tolerance.rtol}; rule not applied")
+                log.warning("anefx: rule %s rolled back: %s", rule.name, record.detail)
+            else:
+                outputs = new_outputs
+        if record.status == "applied":
+            current = candidate
+        records.append(record)
+        snapshots.append((rule.name, current))
+    return current, records, snapshots
+
+
+def _legalize(ep: ExportedProgram) -> PassRecord:
+    start = time.perf_counter()
+    before = op_histogram(ep.graph_module)
+    done = legalize(ep)
+    after = op_histogram(ep.graph_module)
+    delta = {k: after[k] - before[k] for k in sorted(set(before) | set(after)) if after[k] != before[k]}
+    return PassRecord("legalize", matches=sum(done.values()), op_delta=delta,
+                      ms=(time.perf_counter() - start) * 1e3,
+                      detail=", ".join(f"{k}: {v}" for k, v in done.items()))
+
+
+def _apply(rule: Rule, ep: ExportedProgram, before: list[str]) -> PassRecord:
+    try:
+        result = apply_rule(rule, ep)
+    except AnefxError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a rule bug: name the rule and what ran before it
+        raise RuleError(f"rule {rule.name} failed ({type(exc).__name__}: {exc}); stages before it: "
+                        f"{', '.join(before)}. Compile without it: rules=[r for r in anefx.default_rules() "
+                        f"if r.name != {rule.name!r}], and report the model to anefx.") from exc
+    status = "applied" if result.matches else "no-match"
+    return PassRecord(rule.name, result.matches, result.refusals, result.op_delta, result.ms, status)
+
+
+def _run(ep: ExportedProgram, example: tuple[tuple, dict]) -> list[torch.Tensor]:
+    args, kwargs = example
+    kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}  # constants are baked in
+    with torch.no_grad():
+        out = ep.module()(*args, **kwargs)
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def compare(actual: list[torch.Tensor], expected: list[torch.Tensor],
+            tolerance: Tolerance) -> tuple[float, bool]:
+    """Largest relative error over outputs and whether every output is within tolerance."""
+    worst, ok = 0.0, len(actual) == len(expected)
+    for a, b in zip(actual, expected, strict=False):
+        if a.shape != b.shape:
+            return float("inf"), False
+        if not a.is_floating_point():
+            ok = ok and bool(torch.equal(a, b))
+            continue
+        a, b = a.double(), b.double()
+        finite = torch.isfinite(b)
+        if not torch.equal(finite, torch.isfinite(a)):
+            return float("inf"), False
+        scale = b[finite].abs().max().item() if finite.any() else 0.0
+        err = (a[finite] - b[finite]).abs().max().item() if finite.any() else 0.0
+        worst = max(worst, err / max(scale, 1e-30))
+        ok = ok and err <= tolerance.atol + tolerance.rtol * scale
+    return worst, ok

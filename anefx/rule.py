@@ -1,0 +1,213 @@
+"""Rules as data: traced patterns, a check that can refuse a match with a reason, and a replacement.
+
+A rule's patterns are ordinary Python functions traced the same way models are traced
+(torch.export + run_decompositions({})), so they sit at the model graph's IR level. Matching is
+literal-agnostic for floats (eps, scales) and int lists (dims): checks read the actual values.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.export import ExportedProgram
+from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
+
+from anefx.graph import finish, module_path, op_histogram
+
+aten = torch.ops.aten
+NOISE_OPS = (aten._assert_tensor_metadata.default,)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A function whose traced ATen graph is searched for. `example` builds its trace inputs."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    example: Callable[[], tuple]
+    meta: dict = field(default_factory=dict, compare=False, hash=False)  # what the rule needs to know
+
+    @functools.cached_property
+    def graph(self) -> fx.Graph:
+        return trace_pattern(self.fn, self.example())
+
+
+class _FnModule(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def trace_pattern(fn: Callable, example: tuple) -> fx.Graph:
+    with torch.no_grad():
+        ep = torch.export.export(_FnModule(fn), example, strict=False).run_decompositions({})
+    graph = ep.graph_module.graph  # the function has no state: placeholders are its arguments
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in NOISE_OPS:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    for node in graph.nodes:  # int lists (dims, view shapes) match any int list; checks read them
+        node.args = tuple(AnyInts(a) if _int_list(a) and a else a for a in node.args)
+    return graph
+
+
+class AnyInts:
+    """A pattern literal standing for any list of ints (not a sequence, so the matcher won't recurse)."""
+
+    def __init__(self, traced: list[int] | tuple[int, ...]):
+        self.traced = list(traced)
+
+    def __repr__(self) -> str:
+        return f"AnyInts({self.traced})"
+
+
+class LiteralAgnosticMatcher(SubgraphMatcher):
+    """SubgraphMatcher that lets floats match any float and int lists any int list.
+
+    (`ignore_literals=True` in torch 2.13 also lets a pattern *node* match a target literal, which
+    breaks later; this keeps node-vs-literal strict.)
+    """
+
+    def __init__(self, pattern: fx.Graph):
+        super().__init__(pattern, match_output=False, match_placeholder=False,
+                         remove_overlapping_matches=True, ignore_literals=False)
+
+    def _match_literals(self, pn: Any, gn: Any, match: InternalMatch) -> bool:
+        if isinstance(pn, float) and isinstance(gn, float | int) and not isinstance(gn, bool):
+            return True
+        if isinstance(pn, AnyInts):
+            return _int_list(gn)
+        return super()._match_literals(pn, gn, match)
+
+
+def _int_list(x: Any) -> bool:
+    return isinstance(x, list | tuple) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+
+@dataclass
+class Match:
+    """One place a pattern matched. `inputs` follow the pattern function's parameters."""
+
+    pattern: Pattern
+    inputs: list[Any]
+    output: fx.Node
+    nodes: list[fx.Node]
+    _by_pattern: dict[fx.Node, fx.Node]
+
+    def find(self, target, nth: int = 0) -> fx.Node | None:
+        """The matched graph node standing for the pattern's `nth` node with this target."""
+        hits = [g for p, g in self._by_pattern.items() if p.op == "call_function" and p.target == target]
+        return hits[nth] if len(hits) > nth else None
+
+    @property
+    def where(self) -> str:
+        return module_path(self.output) or self.output.name
+
+
+@dataclass
+class Context:
+    """What a check or a replacement may look at besides the match."""
+
+    ep: ExportedProgram
+    rule: str
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.ep.graph_module.graph
+
+
+@dataclass(frozen=True)
+class Rule:
+    """pattern(s) + check + replacement. `check` returns a refusal reason or None."""
+
+    name: str
+    summary: str
+    patterns: Callable[[], Sequence[Pattern]]
+    check: Callable[[Match, Context], str | None]
+    replace: Callable[[Match, Context], fx.Node]
+    ane: bool = True  # runs only when the compute units include the Neural Engine
+
+
+@dataclass
+class Refusal:
+    where: str
+    node: str
+    reason: str
+
+
+@dataclass
+class RuleResult:
+    matches: int = 0
+    refusals: list[Refusal] = field(default_factory=list)
+    ms: float = 0.0
+    op_delta: dict[str, int] = field(default_factory=dict)
+
+
+def apply_rule(rule: Rule, ep: ExportedProgram) -> RuleResult:
+    """Rewrite every accepted match of `rule` in `ep` (in place) and validate the program."""
+    start = time.perf_counter()
+    before = op_histogram(ep.graph_module)
+    ctx = Context(ep=ep, rule=rule.name)
+    result = RuleResult()
+    seen_refusals: set[tuple[str, str]] = set()
+    for pattern in rule.patterns():
+        for match in find_matches(pattern, ep.graph_module.graph):
+            if any(n.graph is not ctx.graph or _erased(n) for n in match.nodes):
+                continue
+            reason = rule.check(match, ctx)
+            if reason is not None:
+                if (match.output.name, reason) not in seen_refusals:
+                    seen_refusals.add((match.output.name, reason))
+                    result.refusals.append(Refusal(match.where, match.output.name, reason))
+                continue
+            with ctx.graph.inserting_before(match.output):
+                new = rule.replace(match, ctx)
+            match.output.replace_all_uses_with(new)
+            _erase_matched(match)
+            result.matches += 1
+    finish(ep)
+    after = op_histogram(ep.graph_module)
+    result.op_delta = {k: after[k] - before[k] for k in sorted(set(before) | set(after))
+                       if after[k] != before[k]}
+    result.ms = (time.perf_counter() - start) * 1e3
+    return result
+
+
+def find_matches(pattern: Pattern, graph: fx.Graph) -> list[Match]:
+    internal = LiteralAgnosticMatcher(pattern.graph).match(graph)
+    pattern_inputs = [n for n in pattern.graph.nodes if n.op == "placeholder"]
+    matches = []
+    for m in internal:
+        if len(m.returning_nodes) != 1:
+            continue
+        by_pattern = {p: g for p, g in m.nodes_map.items() if p.op == "call_function"}
+        matches.append(Match(pattern=pattern, inputs=[m.nodes_map.get(p) for p in pattern_inputs],
+                             output=m.returning_nodes[0], nodes=list(by_pattern.values()),
+                             _by_pattern=by_pattern))
+    return matches
+
+
+def _erased(node: fx.Node) -> bool:
+    return getattr(node, "_erased", False)
+
+
+def _erase_matched(match: Match) -> None:
+    # erase from the output backwards: a matched node is dead once its users are gone
+    pending = [n for n in match.nodes if not _erased(n)]
+    progress = True
+    while pending and progress:
+        progress = False
+        for node in list(pending):
+            if not node.users:
+                node.graph.erase_node(node)
+                pending.remove(node)
+                progress = True
