@@ -8,6 +8,7 @@ and torch.export need it) and provenance: the anchor node's `nn_module_stack` / 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -173,12 +174,15 @@ def drop_unused_constants(ep: ExportedProgram) -> None:
 
 def snapshot(ep: ExportedProgram) -> ExportedProgram:
     """A copy whose graph can be rewritten without touching `ep`. Weights are shared, not copied."""
-    gm = copy.deepcopy(ep.graph_module)
+    with warnings.catch_warnings():  # torch's own TreeSpec pickling warns on copy
+        warnings.simplefilter("ignore", FutureWarning)
+        gm = copy.deepcopy(ep.graph_module)
+        signature = copy.deepcopy(ep.graph_signature)
     for old, copied in zip(ep.graph_module.graph.nodes, gm.graph.nodes, strict=True):
         if copied.name != old.name:  # the copy renames nodes that shadow builtins ("input")
             copied.name = old.name
     gm.recompile()
-    new = ep._update(gm, copy.deepcopy(ep.graph_signature), state_dict=dict(ep.state_dict),
+    new = ep._update(gm, signature, state_dict=dict(ep.state_dict),
                      constants=dict(ep.constants))
     return new
 
