@@ -17,8 +17,8 @@ from torch.utils import _pytree as pytree
 from anefx.errors import CaptureError, InvalidExampleError, InvalidModelError
 
 _CONSTANT_KWARG_TYPES = (bool, int, float, str, type(None))
-_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) for m in (torch,) if m.__file__) + (
-    os.path.dirname(os.path.dirname(__file__)),)
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)),
+                 os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rewrites"))
 
 
 @dataclass

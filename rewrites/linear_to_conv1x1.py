@@ -55,12 +55,12 @@ def _addmm(x, w, b):
     return torch.addmm(b, x, w)
 
 
-def _matmul_3d(x, w):
+def _matmul(x, w):
     return x @ w
 
 
 def _mm(x, w):
-    return x @ w
+    return torch.mm(x, w)
 
 
 @functools.cache
@@ -72,7 +72,7 @@ def patterns() -> list[Pattern]:
         Pattern("linear, no bias", _linear_nobias, lambda: (x3, w)),
         Pattern("Conv1D (view, addmm, view)", _conv1d_gpt2, lambda: (x3, wt, b)),
         Pattern("addmm", _addmm, lambda: (x2, wt, b)),
-        Pattern("matmul on 3-D input", _matmul_3d, lambda: (x3, wt)),
+        Pattern("matmul", _matmul, lambda: (x3, wt)),
         Pattern("mm", _mm, lambda: (x2, wt)),
     ]
 

@@ -1,0 +1,152 @@
+"""The engine: verification with rollback, compute-unit gating, provenance, options, the callable."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+
+import anefx
+from anefx.graph import emit, module_path
+from anefx.rule import Pattern, Rule
+from rewrites import RULES
+from tests.helpers import ops
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(16, 32)
+        self.norm = torch.nn.RMSNorm(32, eps=1e-6)
+        self.down = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.down(self.norm(torch.relu(self.up(x))))
+
+
+def _relu(x):
+    return torch.relu(x)
+
+
+def _wrong_replacement(match, ctx):  # relu → sigmoid: plausible-looking, numerically wrong
+    return emit(ctx.graph, torch.ops.aten.sigmoid.default, (match.inputs[0],), origin=match.output, rule=ctx.rule)
+
+
+BUGGY = Rule(name="relu_to_sigmoid", summary="a deliberately wrong rule",
+             patterns=lambda: [Pattern("relu", _relu, lambda: (torch.randn(2, 4),))],
+             check=lambda m, c: None, replace=_wrong_replacement, ane=False)
+
+
+def _raising_replacement(match, ctx):
+    raise IndexError("boom")
+
+
+CRASHING = Rule(name="crashing_rule", summary="raises", check=lambda m, c: None, replace=_raising_replacement,
+                patterns=lambda: [Pattern("relu", _relu, lambda: (torch.randn(2, 4),))])
+
+
+@pytest.fixture(scope="module")
+def block():
+    return Block().eval(), (torch.randn(1, 8, 16),)
+
+
+def test_wrong_rule_is_rolled_back_and_reported(block):
+    model, args = block
+    c = anefx.compile(model, args, rules=[BUGGY, *RULES])
+    record = next(p for p in c.passes if p.name == "relu_to_sigmoid")
+    assert record.status == "rolled-back" and record.matches == 1
+    assert "rule not applied" in record.detail and record.max_error > 1e-2
+    assert ops(c.rewritten)["relu"] == 1 and ops(c.rewritten)["sigmoid"] == 0
+    torch.testing.assert_close(c.rewritten.module()(*args), model(*args), rtol=1e-4, atol=1e-5)
+    assert [p.status for p in c.passes if p.name != "relu_to_sigmoid"] == ["applied"] * 3
+
+
+def test_without_verification_the_wrong_rule_would_ship(block):
+    model, args = block
+    c = anefx.compile(model, args, rules=[BUGGY], verify=False)
+    assert ops(c.rewritten)["sigmoid"] == 1  # why verify=True is the default
+
+
+def test_a_crashing_rule_names_itself_and_what_ran_before(block):
+    model, args = block
+    with pytest.raises(anefx.RuleError, match=r"rule crashing_rule failed \(IndexError: boom\); stages "
+                                              r"before it: captured, legalize"):
+        anefx.compile(model, args, rules=[CRASHING])
+
+
+def test_ane_rules_run_only_for_neural_engine_compute_units(block):
+    model, args = block
+    for units in ("CPU_AND_NE", "ALL"):
+        assert anefx.compile(model, args, compute_units=units).options["rules"] == [r.name for r in RULES]
+    for units in ("CPU_ONLY", "CPU_AND_GPU"):
+        c = anefx.compile(model, args, compute_units=units)
+        assert c.options["rules"] == []
+        assert ops(c.rewritten)["linear"] == 2 and ops(c.rewritten)["convolution"] == 0
+    explicit = anefx.compile(model, args, compute_units="CPU_ONLY", rules=["linear_to_conv1x1"])
+    assert ops(explicit.rewritten)["convolution"] == 2
+
+
+def test_unknown_rule_and_bad_options(block):
+    model, args = block
+    with pytest.raises(anefx.UnknownRuleError, match="unknown rule 'nope'; known rules: rmsnorm_to_layernorm"):
+        anefx.compile(model, args, rules=["nope"])
+    with pytest.raises(anefx.OptionError, match="compute_units='NPU' is not one of CPU_AND_NE"):
+        anefx.compile(model, args, compute_units="NPU")
+    with pytest.raises(anefx.OptionError, match="precision='int8'"):
+        anefx.compile(model, args, precision="int8")
+
+
+def test_passes_record_matches_deltas_and_time(block):
+    model, args = block
+    c = anefx.compile(model, args)
+    by_name = {p.name: p for p in c.passes}
+    assert list(by_name) == ["legalize", "rmsnorm_to_layernorm", "linear_to_conv1x1"]
+    assert by_name["rmsnorm_to_layernorm"].matches == 1
+    assert by_name["rmsnorm_to_layernorm"].op_delta["rms_norm"] == -1
+    assert by_name["linear_to_conv1x1"].op_delta == {"convolution": 2, "linear": -2, "permute": 4,
+                                                     "squeeze": 2, "unsqueeze": 2, "view": 2}
+    assert all(p.ms >= 0 for p in c.passes)
+    assert [name for name, _ in c.snapshots] == ["captured", "legalize", "rmsnorm_to_layernorm",
+                                                 "linear_to_conv1x1"]
+
+
+def test_every_snapshot_is_a_valid_program_and_the_capture_is_untouched(block):
+    model, args = block
+    c = anefx.compile(model, args)
+    for _, ep in c.snapshots:
+        ep.validate()
+        torch.testing.assert_close(ep.module()(*args), model(*args), rtol=1e-4, atol=1e-5)
+    assert ops(c.exported)["linear"] == 2 and ops(c.exported)["rms_norm"] == 1
+
+
+def test_new_nodes_carry_provenance(block):
+    model, args = block
+    c = anefx.compile(model, args)
+    convs = [n for n in c.rewritten.graph.nodes if n.target is torch.ops.aten.convolution.default]
+    assert sorted(module_path(n) for n in convs) == ["down", "up"]
+    for node in convs:
+        assert node.meta["anefx_rule"] == "linear_to_conv1x1"
+        assert node.meta["from_node"][0].pass_name == "linear_to_conv1x1"
+        assert "stack_trace" in node.meta
+    norm = next(n for n in c.rewritten.graph.nodes if n.target is torch.ops.aten.layer_norm.default)
+    assert module_path(norm) == "norm" and norm.meta["anefx_rule"] == "rmsnorm_to_layernorm"
+
+
+def test_calling_the_compiled_model(block, tmp_path):
+    model, args = block
+    c = anefx.compile(model, args)
+    if sys.platform != "darwin":
+        import anefx.compiled as compiled
+
+        compiled._NOTICE_SHOWN = False
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = c(*args)
+            c(*args)
+        notices = [w for w in caught if issubclass(w.category, anefx.AnefxNotice)]
+        assert len(notices) == 1 and "CoreML cannot run on this OS" in str(notices[0].message)
+        torch.testing.assert_close(first, model(*args), rtol=1e-4, atol=1e-5)
+    path = c.save(tmp_path / "block")
+    assert path.name == "block.mlpackage" and (path / "Manifest.json").exists()
