@@ -1,0 +1,42 @@
+"""The MIL blob storage file (`weights/weight.bin`), read with numpy alone.
+
+Layout (coremltools `mlmodel/src/MILBlob/Blob/StorageFormat.hpp`, format version 2): a 64-byte
+storage header (uint32 count, uint32 version, reserved), then per blob a 64-byte `blob_metadata`
+(uint32 sentinel 0xDEADBEEF, uint32 data type, uint64 size in bytes, uint64 offset of the data in the
+file, reserved) followed by the data, every entry 64-byte aligned. A program's const refers to the
+offset of a blob's metadata; the element type and shape come from the const's declared type.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from anefx.mil.errors import MilProgramError
+
+SENTINEL = 0xDEADBEEF
+_METADATA = np.dtype([("sentinel", "<u4"), ("dtype", "<u4"), ("size", "<u8"), ("offset", "<u8")])
+
+
+class BlobFile:
+    """One weight file, memory-mapped; `read(offset, dtype, shape)` returns a copy of one blob."""
+
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise MilProgramError(f"weight file {path} is missing; the .mlpackage is incomplete, "
+                                  "save it again.")
+        self.path = path
+        self.data = np.memmap(path, dtype=np.uint8, mode="r")
+
+    def read(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        meta = self.data[offset:offset + _METADATA.itemsize].view(_METADATA)[0]
+        if int(meta["sentinel"]) != SENTINEL:
+            raise MilProgramError(f"{self.path}: no blob at offset {offset} (bad sentinel); the weight file "
+                                  "does not belong to this program, save the .mlpackage again.")
+        size, start = int(meta["size"]), int(meta["offset"])
+        count = int(np.prod(shape, dtype=np.int64))
+        if size != count * dtype.itemsize or start + size > self.data.size:
+            raise MilProgramError(f"{self.path}: blob at offset {offset} holds {size} bytes, expected "
+                                  f"{count * dtype.itemsize} for {dtype} {shape}.")
+        return np.array(self.data[start:start + size].view(dtype).reshape(shape))
