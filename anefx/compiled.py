@@ -6,7 +6,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from torch.utils import _pytree as pytree
 
 from anefx.errors import InvalidExampleError
 from anefx.pipeline import PassRecord
+
+if TYPE_CHECKING:
+    from anefx.diff import GraphDiff
 
 _NOTICE_SHOWN = False
 
@@ -62,6 +65,12 @@ class CompiledModel:
         result = self.mlmodel.predict(feed)
         outs = [torch.from_numpy(np.asarray(result[name])) for name in self.output_names]
         return pytree.tree_unflatten(outs, self._out_spec) if self._out_spec is not None else tuple(outs)
+
+    def diff(self, title: str = "anefx graph diff") -> GraphDiff:
+        """What each stage (legalize, then each rule) changed, grouped by module. See docs/inspection.md."""
+        from anefx.diff import GraphDiff
+
+        return GraphDiff.from_snapshots(self.snapshots, self.passes, title)
 
     def pass_table(self) -> list[dict[str, Any]]:
         """One row per stage: name, status, matches, refusals, op delta, milliseconds."""
