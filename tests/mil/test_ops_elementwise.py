@@ -67,7 +67,7 @@ UNARY = {
     "floor": np.floor, "ceil": np.ceil, "square": np.square, "relu": lambda x: np.maximum(x, 0),
     "sigmoid": lambda x: 1 / (1 + np.exp(-x)), "silu": lambda x: x / (1 + np.exp(-x)),
     "softplus": lambda x: np.log1p(np.exp(x)), "erf": lambda x: torch.erf(torch.from_numpy(x)).numpy(),
-    "round": np.round,
+    "round": np.round, "identity": lambda x: x, "exp2": np.exp2, "atan": np.arctan,
 }
 
 
@@ -125,6 +125,10 @@ def test_gelu_modes(run_mil, mode, approximate):
     ("scaled_tanh", {"alpha": np.float32(2.0), "beta": np.float32(0.5)}, lambda x: 2 * np.tanh(0.5 * x)),
     ("sigmoid_hard", {"alpha": np.float32(0.2), "beta": np.float32(0.5)},
      lambda x: np.clip(0.2 * x + 0.5, 0, 1)),
+    ("clamped_relu", {"alpha": np.float32(0.1), "beta": np.float32(3.0)},
+     lambda x: np.minimum(np.where(x >= 0, x, 0.1 * x), 3.0)),
+    ("thresholded_relu", {"alpha": np.float32(1.0)}, lambda x: np.where(x >= 1.0, x, 0)),
+    ("linear_activation", {"alpha": np.float32(2.0), "beta": np.float32(-1.0)}, lambda x: 2 * x - 1),
 ])
 def test_activations(run_mil, op, kwargs, reference):
     x = rand(3, 8, low=-8, high=8)
@@ -148,3 +152,9 @@ def test_select_broadcasts(run_mil):
     a, b = rand(2, 3), rand(1, 3, seed=1)
     out = run_mil(lambda cond, a, b: mb.select(cond=cond, a=a, b=b), "select", cond=cond, a=a, b=b)
     np.testing.assert_array_equal(out, np.where(cond, a, b))
+
+
+def test_prelu_per_channel(run_mil):
+    x, alpha = rand(2, 3, 4, 5), np.array([0.1, 0.5, 2.0], np.float32)
+    out = run_mil(lambda x: mb.prelu(x=x, alpha=alpha), "prelu", x=x)
+    np.testing.assert_allclose(out, np.where(x > 0, x, alpha.reshape(1, 3, 1, 1) * x), rtol=1e-6)

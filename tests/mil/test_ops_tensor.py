@@ -90,6 +90,19 @@ def test_slice_by_size(run_mil):
     np.testing.assert_array_equal(out, x[1:3, 2:, 0:3])
 
 
+@pytest.mark.parametrize(("op", "build", "reference"), [
+    ("stack", lambda x: mb.stack(values=(x, x), axis=1), lambda x: np.stack([x, x], axis=1)),
+    ("reverse", lambda x: mb.reverse(x=x, axes=[0, 2]), lambda x: x[::-1, :, ::-1]),
+    ("flatten2d", lambda x: mb.flatten2d(x=x, axis=2), lambda x: x.reshape(6, 4)),
+    ("shape", lambda x: mb.shape(x=x), lambda x: np.array(x.shape)),
+    ("fill_like", lambda x: mb.fill_like(ref_tensor=x, value=np.float32(2.5)),
+     lambda x: np.full(x.shape, 2.5)),
+])
+def test_small_layout_ops(run_mil, op, build, reference):
+    x = rand(2, 3, 4)
+    np.testing.assert_array_equal(run_mil(build, op, x=x), reference(x))
+
+
 def test_tile(run_mil):
     x = rand(2, 1, 3)
     np.testing.assert_array_equal(run_mil(lambda x: mb.tile(x=x, reps=[1, 4, 2]), "tile", x=x),
