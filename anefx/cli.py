@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import inspect
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from anefx.errors import AnefxError
 
@@ -21,6 +26,8 @@ err_console = Console(stderr=True)
 @app.callback()
 def _root() -> None:
     """anefx: compile PyTorch models for the Apple Neural Engine."""
+    # torch's own deprecation of its TreeSpec API fires on every graph copy: noise for a CLI user
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 
 
 def friendly_errors(fn: Callable) -> Callable:
@@ -29,7 +36,7 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except AnefxError as exc:
-            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper
@@ -43,6 +50,154 @@ def demo(output: Annotated[Path, typer.Option("-o", "--output", help="where to w
     from anefx.demo import run_demo
 
     run_demo(output, console)
+
+
+Examples = Annotated[list[str] | None, typer.Option(
+    "--example", "-e", help="an input as NAME:SHAPE[:DTYPE], e.g. input_ids:1x128:int64 (repeatable)")]
+Target = Annotated[str, typer.Argument(
+    help="file.py:attr (a module or a zero-arg factory), a local HF model directory, or zoo:NAME")]
+ComputeUnits = Annotated[str, typer.Option("--compute-units", help="CPU_AND_NE, ALL, CPU_ONLY, CPU_AND_GPU")]
+Precision = Annotated[str, typer.Option("--precision", help="fp16 or fp32")]
+DeploymentTarget = Annotated[str, typer.Option("--target", help="minimum deployment target, e.g. iOS18")]
+Rules = Annotated[str | None, typer.Option(
+    "--rules", help="comma-separated rule names to run, in this order (default: anefx's rule list)")]
+Attention = Annotated[str | None, typer.Option("--attention",
+                                                help="attention strategy, for the attention rule")]
+
+
+@contextmanager
+def staged(console: Console, what: str) -> Iterator[Callable[[str], None]]:
+    """A spinner naming the running stage, and one log line per finished stage with its time."""
+    started = {"name": None, "at": time.perf_counter()}
+
+    def finish() -> None:
+        if started["name"] is not None:
+            console.log(f"{started['name']} [dim]{(time.perf_counter() - started['at']):.1f}s[/]")
+
+    with console.status(what) as status:
+        def progress(stage: str) -> None:
+            finish()
+            started["name"], started["at"] = stage, time.perf_counter()
+            status.update(f"{what}: {stage}")
+
+        yield progress
+        finish()
+
+
+def _compile(target: str, examples: list[str] | None, console: Console, *, compute_units: str,
+             precision: str, deployment_target: str, attention: str | None, rules: str | None,
+             progress: Callable[[str], None]):
+    from anefx.api import compile as anefx_compile
+    from anefx.backend import BackendOptions, accepts_attention
+    from anefx.target import example_inputs, load_target, parse_example
+
+    specs = [parse_example(e) for e in examples or []]
+    options = BackendOptions.parse({"compute_units": compute_units, "precision": precision,
+                                    "deployment_target": deployment_target, "attention": attention,
+                                    "rules": _rule_names(rules)})
+    if attention is not None and not accepts_attention():
+        console.print(f"note: --attention {attention} is kept, but no rule of this anefx reads it yet.")
+    progress("load")
+    loaded = load_target(target)
+    args, kwargs = example_inputs(loaded, specs)
+    names = [*inspect.signature(loaded.model.forward).parameters][:len(args)]
+    inputs = [*zip(names, args, strict=False), *kwargs.items()]
+    console.print(f"[bold]{loaded.description}[/]: " + ", ".join(_describe(k, v) for k, v in inputs))
+    return loaded, anefx_compile(loaded.model, args, kwargs, progress=progress, **options.compile_kwargs())
+
+
+def _rule_names(rules: str | None) -> list[str] | None:
+    if rules is None:
+        return None
+    return [r.strip() for r in rules.split(",") if r.strip()]
+
+
+def _describe(name, value) -> str:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return f"{name} {tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    return f"{name}={value!r}"
+
+
+@app.command("compile")
+@friendly_errors
+def compile_command(
+        target: Target, example: Examples = None,
+        output: Annotated[Path | None, typer.Option("-o", "--output", help="the .mlpackage to write")] = None,
+        compute_units: ComputeUnits = "CPU_AND_NE", precision: Precision = "fp16",
+        deployment_target: DeploymentTarget = "iOS18", attention: Attention = None,
+        rules: Rules = None) -> None:
+    """Compile TARGET into a .mlpackage and show what each rule did."""
+    from anefx.report import pass_table
+
+    with staged(console, "compiling") as progress:
+        loaded, compiled = _compile(target, example, console, compute_units=compute_units,
+                                    precision=precision, deployment_target=deployment_target,
+                                    attention=attention, rules=rules, progress=progress)
+        progress("save")
+        path = compiled.save(output or Path(f"{loaded.name}.mlpackage"))
+    for note in compiled.notes:
+        console.print(f"note: {note}")
+    console.print(pass_table(compiled))
+    console.print(f"wrote [bold]{path}[/] (inputs: {', '.join(compiled.input_names)}; "
+                  f"outputs: {', '.join(compiled.output_names)})")
+
+
+@app.command("diff")
+@friendly_errors
+def diff_command(
+        target: Target, example: Examples = None,
+        html: Annotated[Path | None, typer.Option("--html", help="also write a standalone HTML page")] = None,
+        compute_units: ComputeUnits = "CPU_AND_NE", precision: Precision = "fp16",
+        deployment_target: DeploymentTarget = "iOS18", attention: Attention = None,
+        rules: Rules = None) -> None:
+    """Compile TARGET and show what each stage changed in the graph, module by module."""
+    with staged(console, "compiling") as progress:
+        loaded, compiled = _compile(target, example, console, compute_units=compute_units,
+                                    precision=precision, deployment_target=deployment_target,
+                                    attention=attention, rules=rules, progress=progress)
+    graph_diff = compiled.diff(title=f"anefx graph diff — {loaded.description}")
+    graph_diff.show(console)
+    if html is not None:
+        console.print(f"wrote [bold]{graph_diff.to_html(html)}[/]")
+
+
+@app.command("report")
+@friendly_errors
+def report_command(package: Annotated[Path, typer.Argument(help="a saved .mlpackage")]) -> None:
+    """ANE readiness of a saved .mlpackage: ops, ranks, dimension limit, padding, unsupported ops."""
+    from anefx.package_report import package_report, report_tables
+
+    report = package_report(package)
+    for table in report_tables(report):
+        console.print(table)
+    if report.unsupported:
+        names = ", ".join(f"{op} ×{n}" for op, (n, _) in report.unsupported.items())
+        console.print(f"[yellow]ops the ANE does not run:[/] {names} — CoreML runs them on the CPU/GPU "
+                      "(see docs/cli.md, ANE op table).")
+    else:
+        console.print("[green]no op from the ANE op table[/] (docs/cli.md): every op may run on the ANE.")
+
+
+@app.command("doctor")
+@friendly_errors
+def doctor_command() -> None:
+    """Versions of torch / coremltools / transformers / anefx, the OS, and optional tools."""
+    from rich.table import Table
+
+    from anefx.doctor import checks
+
+    table = Table(title="anefx doctor")
+    for col in ("check", "found", "ok"):
+        table.add_column(col, overflow="fold")
+    found = checks()
+    for c in found:
+        table.add_row(c.name, c.value, "[green]yes[/]" if c.ok else "[red]no[/]")
+    console.print(table)
+    for c in found:
+        if c.note:
+            console.print(f"[bold]{c.name}[/]: {c.note}")
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -1,0 +1,191 @@
+"""ANE readiness of a saved .mlpackage: op histogram, tensor ranks, the largest dimension against the
+ANE's 16384 limit, bytes lost to last-axis 64-byte padding, and ops the ANE is known not to run.
+
+Read from the package on disk (what a device loads). The table of ops the ANE cannot run is documented
+with its sources in docs/cli.md: the ANE compiler is private, so it is public knowledge, not a promise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anefx.mlpackage import PackageError, load_spec
+
+ANE_MAX_DIM = 16384  # DESIGN.md fact 5: every tensor dimension ≤ 16384 on the ANE
+ANE_MAX_RANK = 4  # DESIGN.md fact 4: no rank-5 tensors on the ANE
+ANE_ROW_BYTES = 64  # the ANE pads the last axis of a tensor to 64 bytes (DESIGN.md fact 1)
+ELEMENT_BYTES = {"FLOAT16": 2, "BFLOAT16": 2, "FLOAT32": 4, "FLOAT64": 8, "INT8": 1, "UINT8": 1,
+                 "INT16": 2, "UINT16": 2, "INT32": 4, "UINT32": 4, "INT64": 8, "UINT64": 8, "BOOL": 1}
+
+# MIL op → why the ANE does not run it (sources and rationale in docs/cli.md, "ANE op table")
+ANE_UNSUPPORTED = {
+    "lstm": "recurrent layer: runs on CPU/GPU",
+    "gru": "recurrent layer: runs on CPU/GPU",
+    "rnn": "recurrent layer: runs on CPU/GPU",
+    "gather": "gather is not an ANE layer (embedding lookups run on the CPU)",
+    "gather_nd": "gather is not an ANE layer",
+    "gather_along_axis": "gather is not an ANE layer",
+    "scatter": "data-dependent writes: not an ANE layer",
+    "scatter_nd": "data-dependent writes: not an ANE layer",
+    "scatter_along_axis": "data-dependent writes: not an ANE layer",
+    "while_loop": "control flow: the ANE runs a static dataflow graph",
+    "cond": "control flow: the ANE runs a static dataflow graph",
+    "random_normal": "random numbers are generated on the CPU",
+    "random_uniform": "random numbers are generated on the CPU",
+    "random_bernoulli": "random numbers are generated on the CPU",
+    "random_categorical": "random numbers are generated on the CPU",
+}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One value of the program: a function input or a non-const op's output."""
+
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def element_bytes(self) -> int:
+        return ELEMENT_BYTES.get(self.dtype, 4)
+
+    @property
+    def bytes(self) -> int:
+        return math.prod(self.shape) * self.element_bytes if self.shape else self.element_bytes
+
+    @property
+    def padded_bytes(self) -> int:
+        """Bytes it occupies with its last axis padded to 64 bytes: ceil(e·n/64)·64 per row."""
+        if not self.shape:
+            return ANE_ROW_BYTES
+        row = math.ceil(self.shape[-1] * self.element_bytes / ANE_ROW_BYTES) * ANE_ROW_BYTES
+        return math.prod(self.shape[:-1]) * row
+
+    @property
+    def wasted_bytes(self) -> int:
+        return self.padded_bytes - self.bytes
+
+
+@dataclass
+class PackageReport:
+    path: Path
+    histogram: Counter  # non-const op type → count
+    tensors: list[Tensor]
+    unsupported: dict[str, tuple[int, str]] = field(default_factory=dict)  # op → (count, reason)
+
+    @property
+    def ranks(self) -> Counter:
+        return Counter(len(t.shape) for t in self.tensors)
+
+    @property
+    def largest(self) -> Tensor | None:
+        shaped = [t for t in self.tensors if t.shape]
+        return max(shaped, key=lambda t: max(t.shape)) if shaped else None
+
+    @property
+    def over_limit(self) -> list[Tensor]:
+        return [t for t in self.tensors if any(d > ANE_MAX_DIM for d in t.shape)]
+
+    @property
+    def dynamic(self) -> list[Tensor]:
+        return [t for t in self.tensors if any(d < 0 for d in t.shape)]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.bytes for t in self.tensors if not any(d < 0 for d in t.shape))
+
+    @property
+    def wasted_bytes(self) -> int:
+        return sum(t.wasted_bytes for t in self.tensors if not any(d < 0 for d in t.shape))
+
+    def worst_padding(self, n: int = 5) -> list[Tensor]:
+        return sorted(self.tensors, key=lambda t: -t.wasted_bytes)[:n]
+
+
+def package_report(path: str | Path, function: str = "main") -> PackageReport:
+    from anefx.lower import _quiet_coremltools
+
+    _quiet_coremltools()  # coremltools' import-time messages are explained by `anefx doctor`
+    path = Path(path)
+    spec = load_spec(path)
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise PackageError(f"{path} holds a {spec.WhichOneof('Type')}, not an ML program; "
+                           "anefx report reads ML programs (.mlpackage).")
+    func = spec.mlProgram.functions[function]
+    tensors = [Tensor(i.name, "input", *_type(i.type)) for i in func.inputs]
+    histogram: Counter = Counter()
+    for op in _operations(func.block_specializations[func.opset]):
+        if op.type == "const":
+            continue
+        histogram[op.type] += 1
+        tensors += [Tensor(o.name, op.type, *_type(o.type)) for o in op.outputs]
+    unsupported = {op: (histogram[op], why) for op, why in ANE_UNSUPPORTED.items() if histogram[op]}
+    return PackageReport(path, histogram, [t for t in tensors if t.dtype], unsupported)
+
+
+def _operations(block: Any):
+    for op in block.operations:
+        yield op
+        for inner in op.blocks:
+            yield from _operations(inner)
+
+
+def _type(value_type: Any) -> tuple[tuple[int, ...], str]:
+    if value_type.WhichOneof("type") != "tensorType":
+        return (), ""
+    from coremltools.proto import MIL_pb2
+
+    tensor = value_type.tensorType
+    dims = tuple(d.constant.size if d.WhichOneof("dimension") == "constant" else -1
+                 for d in tensor.dimensions)
+    return dims, MIL_pb2.DataType.Name(tensor.dataType)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def report_tables(report: PackageReport) -> list[Any]:
+    """Rich renderables: op histogram, ranks, limits and padding, ops the ANE cannot run."""
+    from rich.table import Table
+
+    ops = Table(title=f"{report.path.name}: MIL ops (non-const)")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    ops.add_column("ANE", justify="left")
+    for op, n in sorted(report.histogram.items(), key=lambda kv: (-kv[1], kv[0])):
+        why = ANE_UNSUPPORTED.get(op)
+        ops.add_row(op, str(n), f"[red]no[/]: {why}" if why else "[green]yes[/]")
+    ops.add_row("total", str(sum(report.histogram.values())), "", style="bold")
+
+    shapes = Table(title="tensors (function inputs and op outputs)")
+    shapes.add_column("check")
+    shapes.add_column("value")
+    shapes.add_row("ranks", ", ".join(f"rank {r}: {n}" for r, n in sorted(report.ranks.items())))
+    high = sum(n for r, n in report.ranks.items() if r > ANE_MAX_RANK)
+    advice = " (the ANE works on rank ≤ 4: (B, C, 1, S))" if high else ""
+    shapes.add_row(f"rank > {ANE_MAX_RANK}", f"{high}{advice}")
+    largest = report.largest
+    if largest is not None:
+        ok = "[green]within[/]" if max(largest.shape) <= ANE_MAX_DIM else "[red]over[/]"
+        shapes.add_row("largest dimension", f"{max(largest.shape)} ({largest.op} {largest.name} "
+                       f"{largest.shape}) — {ok} the ANE's {ANE_MAX_DIM} limit")
+    shapes.add_row(f"over {ANE_MAX_DIM}", str(len(report.over_limit)))
+    shapes.add_row("dynamic shapes", str(len(report.dynamic)))
+    share = report.wasted_bytes / max(report.total_bytes + report.wasted_bytes, 1)
+    shapes.add_row("last-axis padding (64 B)", f"{human_bytes(report.wasted_bytes)} wasted of "
+                   f"{human_bytes(report.total_bytes + report.wasted_bytes)} ({share:.0%})")
+    for t in report.worst_padding(3):
+        if t.wasted_bytes:
+            shapes.add_row("  worst", f"{t.op} {t.name} {t.shape} {t.dtype.lower()}: "
+                           f"{human_bytes(t.wasted_bytes)} wasted")
+    return [ops, shapes]
