@@ -43,6 +43,9 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+RULES = ["rmsnorm_to_layernorm", "linear_to_conv1x1"]  # pinned: the default list grows as rules land
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
@@ -89,7 +92,8 @@ def test_nanogpt_block_recompiles_per_shape():
     torch.manual_seed(0)
     block = Block().eval()
     made: list[AnefxCompiledGraph] = []
-    fast = torch.compile(block, backend=spy_backend(made, compute_units="CPU_ONLY", precision="fp32"))
+    fast = torch.compile(block, backend=spy_backend(made, compute_units="CPU_ONLY", precision="fp32",
+                                                    rules=RULES))
     for seq in (8, 12, 8, 12):
         x = torch.randn(1, seq, 64)
         torch.testing.assert_close(fast(x), block(x), rtol=1e-4, atol=1e-5)
@@ -105,7 +109,7 @@ def test_nanogpt_block_recompiles_per_shape():
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_hf_models_equal_eager_by_name(name):
     model, (ids,), kwargs = zoo.build(name)
-    fast = torch.compile(model, backend="anefx")
+    fast = torch.compile(model, backend="anefx", options={"rules": RULES})
     for seq in (32, 16):  # the second shape recompiles
         out, ref = fast(ids[:, :seq], **kwargs), model(ids[:, :seq], **kwargs)
         key = "logits" if name == "llama" else "last_hidden_state"
@@ -125,7 +129,7 @@ def test_graph_break_compiles_each_piece():
 
     model = Broken().eval()
     made: list[AnefxCompiledGraph] = []
-    fast = torch.compile(model, backend=spy_backend(made))
+    fast = torch.compile(model, backend=spy_backend(made, rules=RULES))
     x = torch.randn(2, 5, 16)
     torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
     assert len(made) == 2 and all(len(graph.compiled) == 1 for graph in made)
