@@ -1,6 +1,9 @@
-"""Gather kernels, with MIL's index rules: before iOS17 an index in [-D, D) counts from the end when
-negative; from iOS17 on a negative index is out of bound. An out-of-bound index is undefined behaviour
-on device, so the interpreter refuses it (MilRuntimeError) instead of inventing a value."""
+"""Gather and scatter kernels, with MIL's index rules.
+
+Before iOS17 an index in [-D, D) counts from the end when negative; from iOS17 on a negative index is
+out of bound. An out-of-bound index is undefined behaviour on device, so the interpreter refuses it
+(MilRuntimeError) instead of inventing a value.
+"""
 
 from __future__ import annotations
 
@@ -51,3 +54,42 @@ def gather_nd(ctx, x, indices, batch_dims=0, validate_indices=False):
     batch_index = [np.arange(n).reshape((-1,) + (1,) * (indices.ndim - 2 - i))
                    for i, n in enumerate(batch_shape)]  # line batch dims of x and indices up
     return x[tuple(batch_index + columns)]
+
+
+_SCATTER_MODES = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
+                  "max": np.maximum, "min": np.minimum}
+
+
+def _scatter_into(ctx, data: np.ndarray, index: tuple, updates: np.ndarray, mode: str) -> np.ndarray:
+    out = np.array(data, copy=True)
+    if mode == "update":
+        out[index] = updates  # with repeated indices the last update wins (undefined on device)
+    elif mode in _SCATTER_MODES:
+        _SCATTER_MODES[mode].at(out, index, updates)
+    else:
+        raise ctx.error(f"unknown mode {mode!r}; MIL scatters know update, {', '.join(_SCATTER_MODES)}.")
+    return out
+
+
+@kernel("scatter")
+def scatter(ctx, data, indices, updates, axis=0, mode="add", validate_indices=False):
+    axis = as_int(axis) % data.ndim
+    indices = _checked(ctx, np.asarray(indices), data.shape[axis])
+    index = (slice(None),) * axis + (indices,)
+    return _scatter_into(ctx, data, index, updates, mode)
+
+
+@kernel("scatter_along_axis")
+def scatter_along_axis(ctx, data, indices, updates, axis=0, mode="add", validate_indices=False):
+    axis = as_int(axis) % data.ndim
+    indices = _checked(ctx, np.asarray(indices), data.shape[axis])
+    grid = list(np.indices(indices.shape, sparse=True))
+    grid[axis] = indices
+    return _scatter_into(ctx, data, tuple(grid), updates, mode)
+
+
+@kernel("scatter_nd")
+def scatter_nd(ctx, data, indices, updates, mode="add", validate_indices=False):
+    indices = np.asarray(indices)
+    index = tuple(_checked(ctx, indices[..., k], data.shape[k]) for k in range(indices.shape[-1]))
+    return _scatter_into(ctx, data, index, updates, mode)

@@ -71,9 +71,7 @@ def split(ctx, x, axis, num_splits=None, split_sizes=None):
     return tuple(np.split(x, as_int(num_splits), axis=axis))
 
 
-@kernel("slice_by_index")
-def slice_by_index(ctx, x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
-    rank = x.ndim
+def _slice_index(rank, begin, end, stride, begin_mask, end_mask, squeeze_mask) -> tuple:
     begin, end = as_ints(begin), as_ints(end)
     stride = as_ints(stride) if stride is not None else [1] * rank
     begin_mask, end_mask = as_bools(begin_mask, rank), as_bools(end_mask, rank)
@@ -84,7 +82,20 @@ def slice_by_index(ctx, x, begin, end, stride=None, begin_mask=None, end_mask=No
             index.append(begin[i])  # pure index at begin[i]
             continue
         index.append(slice(None if begin_mask[i] else begin[i], None if end_mask[i] else end[i], stride[i]))
-    return np.asarray(x[tuple(index)])
+    return tuple(index)
+
+
+@kernel("slice_by_index")
+def slice_by_index(ctx, x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    return np.asarray(x[_slice_index(x.ndim, begin, end, stride, begin_mask, end_mask, squeeze_mask)])
+
+
+@kernel("slice_update")
+def slice_update(ctx, x, update, begin, end, stride=None, begin_mask=None, end_mask=None,
+                 squeeze_mask=None):
+    out = x.copy()
+    out[_slice_index(x.ndim, begin, end, stride, begin_mask, end_mask, squeeze_mask)] = update
+    return out
 
 
 @kernel("slice_by_size")
@@ -153,3 +164,29 @@ def band_part(ctx, x, lower=-1, upper=-1):
     n = np.arange(x.shape[-1])[None, :]
     keep = ((lower < 0) | (m - n <= lower)) & ((upper < 0) | (n - m <= upper))
     return np.where(keep, x, np.zeros((), x.dtype))
+
+
+@kernel("one_hot")
+def one_hot(ctx, indices, one_hot_vector_size, axis=-1, on_value=1, off_value=0):
+    size = as_int(one_hot_vector_size)
+    hot = np.expand_dims(indices, -1) == np.arange(size)  # (*indices, size)
+    out = np.where(hot, np.asarray(on_value), np.asarray(off_value))
+    return np.moveaxis(out, -1, as_int(axis) % out.ndim)
+
+
+def _order(x: np.ndarray, axis: int, ascending: bool) -> np.ndarray:
+    return np.argsort(x if ascending else -x, axis=axis, kind="stable")  # ties: lower index first
+
+
+@kernel("argsort")
+def argsort(ctx, x, axis=-1, ascending=False):
+    return _order(x, as_int(axis), bool(ascending))
+
+
+@kernel("topk")
+def topk(ctx, x, k=1, axis=-1, ascending=False, sort=True, return_indices=True, output_indices_dtype="int32"):
+    axis, k = as_int(axis), as_int(k)
+    order = _order(x, axis, bool(ascending))
+    indices = order if k == -1 else np.take(order, np.arange(k), axis=axis)
+    values = np.take_along_axis(x, indices, axis=axis)
+    return (values, indices) if bool(return_indices) else values

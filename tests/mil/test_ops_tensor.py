@@ -204,3 +204,61 @@ def test_states_read_and_update(tmp_path):
     np.testing.assert_allclose(next(iter(second.values())), 4 * x, rtol=1e-6)  # the state persisted
     runner.reset_states()
     np.testing.assert_allclose(next(iter(runner(x=x, s=np.ones((2, 3))).values())), 2 * (x + 1), rtol=1e-6)
+
+
+def test_slice_update(run_mil):
+    x, update = rand(2, 6, 4), rand(2, 2, 4, seed=1)
+    def fn(x, u):
+        return mb.slice_update(x=x, update=u, begin=[0, 1, 0], end=[2, 5, 4], stride=[1, 2, 1])
+
+    out = run_mil(fn, "slice_update", x=x, u=update)
+    expected = x.copy()
+    expected[:, 1:5:2, :] = update
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("mode", ["update", "add", "mul", "max"])
+def test_scatter_family(run_mil, mode):
+    data = rand(4, 3)
+    ufunc = {"add": np.add, "mul": np.multiply, "max": np.maximum}.get(mode)
+
+    def expect(index, updates):
+        out = data.copy()
+        if ufunc is None:
+            out[index] = updates
+        else:
+            ufunc.at(out, index, updates)
+        return out
+
+    rows, updates = np.array([2, 0], np.int32), rand(2, 3, seed=1)
+    out = run_mil(lambda d, i, u: mb.scatter(data=d, indices=i, updates=u, axis=0, mode=mode), "scatter",
+                  d=data, i=rows, u=updates)
+    np.testing.assert_allclose(out, expect((rows,), updates), rtol=1e-6)
+    along = np.array([[3, 0, 1]], np.int32)
+    out = run_mil(lambda d, i, u: mb.scatter_along_axis(data=d, indices=i, updates=u, axis=0, mode=mode),
+                  "scatter_along_axis", d=data, i=along, u=updates[:1])
+    np.testing.assert_allclose(out, expect((along, np.arange(3)[None, :]), updates[:1]), rtol=1e-6)
+    points = np.array([[1, 2], [3, 0]], np.int32)
+    out = run_mil(lambda d, i, u: mb.scatter_nd(data=d, indices=i, updates=u, mode=mode), "scatter_nd",
+                  d=data, i=points, u=updates[0, :2].copy())
+    np.testing.assert_allclose(out, expect((points[:, 0], points[:, 1]), updates[0, :2]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("ascending", [False, True])
+def test_topk_and_argsort(run_mil, ascending):
+    x = rand(3, 6)
+    outs = run_mil(lambda x: mb.topk(x=x, k=2, axis=1, ascending=ascending), "topk", x=x)
+    values, indices = outs.values()
+    order = np.argsort(x if ascending else -x, axis=1)
+    np.testing.assert_array_equal(indices, order[:, :2])
+    np.testing.assert_array_equal(values, np.take_along_axis(x, order[:, :2], axis=1))
+    out = run_mil(lambda x: mb.argsort(x=x, axis=-1, ascending=ascending), "argsort", x=x)
+    np.testing.assert_array_equal(out, order)
+
+
+def test_one_hot(run_mil):
+    ids = np.array([[0, 3], [2, 1]], np.int32)
+    out = run_mil(lambda i: mb.one_hot(indices=i, one_hot_vector_size=4, axis=1, on_value=np.float32(2),
+                                       off_value=np.float32(-1)), "one_hot", i=ids)
+    expected = np.moveaxis(np.where(np.eye(4)[ids] > 0, 2.0, -1.0), -1, 1)
+    np.testing.assert_array_equal(out, expected)
