@@ -41,7 +41,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from anefx.mil.errors import MilError, MilInputError, MilProgramError, MilRuntimeError, UnsupportedOpError
-from anefx.mil.interpreter import PRECISIONS, MilRunner
+from anefx.mil.interpreter import MilRunner, check_precision
 from anefx.mil.metrics import ErrorReport, compare, compare_outputs, psnr
 from anefx.mil.reader import Program, read_program
 from anefx.mil.registry import KERNELS
@@ -51,10 +51,7 @@ SUPPORTED_OPS: tuple[str, ...] = tuple(sorted({"const", *KERNELS}))
 
 def load_mlpackage(path: str | Path, precision: str = "fp32", function: str = "main") -> MilRunner:
     """A callable runner for the ML program saved at `path`: `runner(**inputs) -> {name: array}`."""
-    if precision not in PRECISIONS:
-        from anefx.errors import OptionError
-
-        raise OptionError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}.")
+    check_precision(precision)  # before reading the package
     return MilRunner(read_program(path, function), precision)
 
 

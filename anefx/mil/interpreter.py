@@ -15,6 +15,13 @@ from anefx.mil.registry import KERNELS, VARIADIC_ARGUMENTS, Kernel, OpContext, S
 PRECISIONS = ("fp32", "fp16")
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        from anefx.errors import OptionError
+
+        raise OptionError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}.")
+
+
 @dataclass
 class _Step:
     op: Operation
@@ -26,10 +33,7 @@ class MilRunner:
     """A loaded program, callable with its inputs by name (or positionally, in `input_names` order)."""
 
     def __init__(self, program: Program, precision: str = "fp32"):
-        if precision not in PRECISIONS:
-            from anefx.errors import OptionError
-
-            raise OptionError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}.")
+        check_precision(precision)
         self.program = program
         self.precision = precision
         self.float_dtype = np.dtype(np.float16 if precision == "fp16" else np.float32)
