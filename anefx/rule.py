@@ -125,23 +125,29 @@ class Context:
         return self.ep.graph_module.graph
 
 
-@dataclass(frozen=True)
-class Rule:
-    """pattern(s) + check + replacement. `check` returns a refusal reason or None."""
-
-    name: str
-    summary: str
-    patterns: Callable[[], Sequence[Pattern]]
-    check: Callable[[Match, Context], str | None]
-    replace: Callable[[Match, Context], fx.Node]
-    ane: bool = True  # runs only when the compute units include the Neural Engine
-
-
 @dataclass
 class Refusal:
     where: str
     node: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Rule:
+    """pattern(s) + check + replacement. `check` returns a refusal reason or None.
+
+    A rule that decides for the whole graph at once (a layout assignment) gives `run` instead: it
+    rewrites `ctx.graph` and returns (number of rewrites, refusals). `after` runs once after the
+    matches (e.g. to remove layout ops the rewrite made redundant)."""
+
+    name: str
+    summary: str
+    patterns: Callable[[], Sequence[Pattern]] = tuple
+    check: Callable[[Match, Context], str | None] = lambda match, ctx: None
+    replace: Callable[[Match, Context], fx.Node] | None = None
+    ane: bool = True  # runs only when the compute units include the Neural Engine
+    run: Callable[[Context], tuple[int, list[Refusal]]] | None = None
+    after: Callable[[Context], None] | None = None
 
 
 @dataclass
@@ -159,6 +165,8 @@ def apply_rule(rule: Rule, ep: ExportedProgram) -> RuleResult:
     ctx = Context(ep=ep, rule=rule.name)
     result = RuleResult()
     seen_refusals: set[tuple[str, str]] = set()
+    if rule.run is not None:
+        result.matches, result.refusals = rule.run(ctx)
     for pattern in rule.patterns():
         for match in find_matches(pattern, ep.graph_module.graph):
             if any(n.graph is not ctx.graph or _erased(n) for n in match.nodes):
@@ -174,6 +182,8 @@ def apply_rule(rule: Rule, ep: ExportedProgram) -> RuleResult:
             match.output.replace_all_uses_with(new)
             _erase_matched(match)
             result.matches += 1
+    if rule.after is not None and result.matches:
+        rule.after(ctx)
     finish(ep)
     after = op_histogram(ep.graph_module)
     result.op_delta = {k: after[k] - before[k] for k in sorted(set(before) | set(after))

@@ -1,11 +1,22 @@
 """The rule library: one file per rule, and the one ordered list the pipeline runs."""
 
-from rewrites import linear_to_conv1x1, rmsnorm_to_layernorm
+from rewrites import (
+    layernorm_channels,
+    layout_bc1s,
+    linear_to_conv1x1,
+    rmsnorm_to_layernorm,
+    split_head_attention,
+)
 
-# Order matters: norms first (their patterns read the graph as exported), then projections.
+# Order matters: norms first (their patterns read the graph as exported), then projections, then
+# attention (it reads q/k/v through the projections' layout ops), the channel norms, and finally the
+# layout of everything in between, which removes the conversions the earlier rules left.
 RULES = [
     rmsnorm_to_layernorm.RULE,
     linear_to_conv1x1.RULE,
+    split_head_attention.RULE,
+    layernorm_channels.RULE,
+    layout_bc1s.RULE,
 ]
 
 __all__ = ["RULES"]

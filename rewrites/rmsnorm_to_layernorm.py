@@ -187,7 +187,7 @@ def replace(match: Match, ctx: Context) -> fx.Node:
             gamma = op(aten._to_copy.default, gamma, dtype=dtype)
         weight = op(aten.cat.default, [gamma, gamma])  # (2C,): γ fused into the norm
     if axis == len(shape(x)) - 1:
-        normed = op(aten.layer_norm.default, both, [2 * channels], weight, None, eps)
+        normed = op(aten.layer_norm.default, both, [2 * channels], weight, None, eps, False)  # as F.layer_norm
     else:
         normed = op(torch.ops.anefx.layer_norm.default, both, axis, weight, None, eps)
     y = op(aten.slice.Tensor, normed, axis, 0, channels)  # first half: RMSNorm(x)·γ

@@ -1,0 +1,353 @@
+"""split_head_attention: attention becomes one small attention per head on (B, d, 1, S) slices.
+
+Before (HF SDPA attention; q/k/v come from projections, the mask was folded to a constant)::
+
+    q = aten.transpose(aten.view(q_proj, [B, S, H, d]), 1, 2)           # (B, H, S, d)  (k, v alike)
+    o = aten.scaled_dot_product_attention(q, k, v, mask)                 # (B, H, S, d)
+
+After::
+
+    q4 = (B, C, 1, S) form of q_proj;  q_h = aten.slice(q4, 1, h·d, (h+1)·d) · scale   # (B, d, 1, S)
+    kT = aten.transpose(k4, 1, 3)                                        # (B, S, 1, C_kv): once per layer
+    k_j = split(kT, d, 3)[j]                                             # (B, S_k, 1, d)
+    w_h = aten.softmax(einsum('bchq,bkhc->bkhq', q_h, k_j) + mask', 1)   # (B, S_k, 1, S_q)
+    o_h = einsum('bkhq,bchk->bchq', w_h, v_j)                            # (B, d, 1, S_q)
+    o4  = aten.cat([o_0, …, o_{H-1}], 1)                                 # (B, C, 1, S_q)
+
+Ops between the head split and the attention (rotary embeddings: multiplies by cos/sin tables,
+rotate-half slices and concats) are replayed per head on the channel axis. Grouped-query attention
+(`repeat_kv`'s unsqueeze → expand → reshape, or SDPA's enable_gqa) indexes the shared K/V head
+h // n_rep instead of materialising copies. Boolean, additive, causal and padding masks are moved to
+(B, S_k, 1, S_q). Eager attention (q @ kᵀ · scale + mask → softmax → @ v) is matched too.
+
+Why: the ANE runs small 4-D einsums/matmuls with softmax over the channel axis well; a rank-4
+(B, H, S, S) attention with softmax over the last axis, and the reshapes/transposes around it, are
+slow there (Apple, "Deploying Transformers on the Apple Neural Engine", 2022).
+
+Refuses: dropout in attention, a mask whose shape is not (…, S_q, S_k), q/k/v produced by ops it
+cannot follow per head (reported with the op).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from anefx.graph import constant_value, emit, is_constant, shape
+from anefx.layout import BC1S, HEAD, simplify_layout_chains, to_physical
+from anefx.rule import Context, Match, Pattern, Rule
+
+aten = torch.ops.aten
+F = torch.nn.functional
+IDENTITY = {aten.clone.default, aten.alias.default, aten.contiguous.default}
+ELEMENTWISE = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.neg.default,
+               aten._to_copy.default}
+
+
+class Unfollowable(Exception):
+    """q/k/v come from an op the per-head replay does not know."""
+
+
+def _sdpa(mask: bool, scale: bool, causal: bool, gqa: bool):
+    def fn(q, k, v, *m):
+        kwargs = {"scale": 0.5} if scale else {}
+        if causal:
+            kwargs["is_causal"] = True
+        if gqa:
+            kwargs["enable_gqa"] = True
+        return F.scaled_dot_product_attention(q, k, v, m[0] if mask else None, **kwargs)
+
+    return fn
+
+
+def _eager(scale_op: str, mask: bool):
+    def fn(q, k, v, *m):
+        scores = q @ k.transpose(-1, -2)
+        scores = scores * 0.125 if scale_op == "mul" else scores / 8.0 if scale_op == "div" else scores
+        if mask:
+            scores = scores + m[0]
+        return torch.softmax(scores, -1) @ v
+
+    return fn
+
+
+@functools.cache
+def patterns() -> list[Pattern]:
+    def qkv():  # distinct tensors: export would merge one tensor passed three times
+        return tuple(torch.randn(1, 2, 4, 8) for _ in range(3))
+
+    mask = torch.zeros(1, 1, 4, 4)
+    found = []
+    for with_mask, scale, causal, gqa in itertools.product((True, False), repeat=4):
+        if with_mask and causal:
+            continue  # SDPA takes one or the other
+        name = ", ".join(w for w, on in (("mask", with_mask), ("scale", scale), ("causal", causal),
+                                         ("enable_gqa", gqa)) if on) or "plain"
+        found.append(Pattern(f"sdpa ({name})", _sdpa(with_mask, scale, causal, gqa),
+                             (lambda m=with_mask: (*qkv(), mask) if m else qkv()), meta={"kind": "sdpa"}))
+    for scale_op in ("mul", "div", "none"):
+        for with_mask in (True, False):
+            found.append(Pattern(f"eager, scale {scale_op}, {'mask' if with_mask else 'no mask'}",
+                                 _eager(scale_op, with_mask), (lambda m=with_mask: (*qkv(), mask) if m else qkv()),
+                                 meta={"kind": "eager", "scale": scale_op, "mask": with_mask}))
+    return found
+
+
+def _attention_args(match: Match) -> dict:
+    """q, k, v, mask, is_causal, scale, dropout, gqa read from the matched graph."""
+    if match.pattern.meta["kind"] == "sdpa":
+        node = match.find(aten.scaled_dot_product_attention.default)
+        names = ["q", "k", "v", "mask", "dropout", "is_causal"]
+        args = dict(zip(names, node.args, strict=False))
+        return {"q": args["q"], "k": args["k"], "v": args["v"], "mask": args.get("mask", node.kwargs.get("attn_mask")),
+                "dropout": args.get("dropout", node.kwargs.get("dropout_p", 0.0)),
+                "is_causal": args.get("is_causal", node.kwargs.get("is_causal", False)),
+                "scale": node.kwargs.get("scale"), "gqa": node.kwargs.get("enable_gqa", False)}
+    q, k, v = match.inputs[:3]
+    scale = 1.0
+    if match.pattern.meta["scale"] != "none":
+        op = match.find(aten.mul.Tensor if match.pattern.meta["scale"] == "mul" else aten.div.Tensor)
+        factor = op.args[1]
+        scale = float(factor) if match.pattern.meta["scale"] == "mul" else 1.0 / float(factor)
+    mask = match.inputs[3] if match.pattern.meta["mask"] else None
+    return {"q": q, "k": k, "v": v, "mask": mask, "dropout": 0.0, "is_causal": False, "scale": scale,
+            "gqa": False}
+
+
+def check(match: Match, ctx: Context) -> str | None:
+    a = _attention_args(match)
+    for name in ("q", "k", "v"):
+        if not isinstance(a[name], fx.Node) or len(shape(a[name])) != 4:
+            return f"{name} is not a rank-4 (B, H, S, d) tensor"
+    if a["dropout"]:
+        return f"attention dropout p={a['dropout']} (compile the model in eval mode)"
+    if not isinstance(a["scale"], float | int | None):
+        return "the attention scale is a tensor"
+    (b, h, sq, d), (_, hk, sk, _) = shape(a["q"]), shape(a["k"])
+    if h % hk:
+        return f"{h} query heads do not group over {hk} key/value heads"
+    mask = a["mask"]
+    if mask is not None and (not isinstance(mask, fx.Node) or shape(mask)[-2:] != (sq, sk)
+                             or len(shape(mask)) > 4):
+        return f"mask of shape {shape(mask) if isinstance(mask, fx.Node) else mask} is not (…, S_q, S_k)"
+    if mask is not None and len(shape(mask)) == 4 and shape(mask)[1] not in (1, h):
+        return f"mask with {shape(mask)[1]} head entries for {h} heads"
+    try:
+        _Heads(ctx, match.output).plan(a)
+    except Unfollowable as exc:
+        return str(exc)
+    return None
+
+
+def replace(match: Match, ctx: Context) -> fx.Node:
+    return _Heads(ctx, match.output).build(_attention_args(match))
+
+
+class _Heads:
+    """Per-head physical tensors of logical (B, H, S, d) nodes, built on demand and memoised."""
+
+    def __init__(self, ctx: Context, origin: fx.Node):
+        self.ctx, self.origin = ctx, origin
+        self.memo: dict[tuple[fx.Node, int], fx.Node] = {}
+        self.physical: dict[fx.Node, fx.Node] = {}
+
+    def op(self, target, *args, **kwargs) -> fx.Node:
+        return emit(self.ctx.graph, target, args, kwargs, origin=self.origin, rule=self.ctx.rule)
+
+    # -- following q/k/v back to the projections -------------------------------------------------
+    def plan(self, a: dict) -> None:
+        """Raise Unfollowable when some head cannot be built (no graph change)."""
+        for name in ("q", "k", "v"):
+            self._walk(_strip_repeat(a[name])[0])
+
+    def _walk(self, node: fx.Node) -> None:
+        if _head_split(node) is not None:
+            return
+        if isinstance(node, fx.Node) and node.op == "call_function":
+            if node.target in IDENTITY:
+                return self._walk(node.args[0])
+            if node.target in ELEMENTWISE or node.target in (aten.slice.Tensor, aten.cat.default):
+                inputs = node.args[0] if node.target is aten.cat.default else node.args
+                for arg in inputs:
+                    if isinstance(arg, fx.Node) and not is_constant(arg, self.ctx.ep):
+                        self._walk(arg)
+                if node.target in (aten.slice.Tensor, aten.cat.default):
+                    dim = (node.args[1] if len(node.args) > 1 else 0) % 4
+                    if dim == 1:
+                        raise Unfollowable("q/k/v are sliced or concatenated across heads")
+                return None
+        what = node.target if isinstance(node, fx.Node) else type(node).__name__
+        raise Unfollowable(f"q/k/v come from {what}, which split_head_attention cannot follow per head")
+
+    def head(self, node: fx.Node, h: int) -> fx.Node:
+        key = (node, h)
+        if key not in self.memo:
+            self.memo[key] = self._head(node, h)
+        return self.memo[key]
+
+    def _head(self, node: fx.Node, h: int) -> fx.Node:
+        split = _head_split(node)
+        if split is not None:  # transpose(view(x, [B, S, H, d]), 1, 2): channels h·d … (h+1)·d of x
+            x, d = split
+            if x not in self.physical:
+                self.physical[x] = to_physical(self.ctx.graph, x, BC1S, origin=self.origin, rule=self.ctx.rule)
+            return self.op(aten.slice.Tensor, self.physical[x], 1, h * d, (h + 1) * d)  # (B, d, 1, S)
+        if node.target in IDENTITY:
+            return self.head(node.args[0], h)
+        if node.target is aten.cat.default:
+            parts = [self.head(p, h) for p in node.args[0]]
+            return self.op(aten.cat.default, parts, HEAD.dim(node.args[1] if len(node.args) > 1 else 0))
+        if node.target is aten.slice.Tensor:
+            dim = HEAD.dim(node.args[1] if len(node.args) > 1 else 0)
+            return self.op(aten.slice.Tensor, self.head(node.args[0], h), dim, *node.args[2:])
+        args = [self._operand(a, h) for a in node.args]
+        return self.op(node.target, *args, **node.kwargs)
+
+    def _operand(self, arg, h: int):
+        if not isinstance(arg, fx.Node):
+            return arg
+        if not is_constant(arg, self.ctx.ep):
+            return self.head(arg, h)
+        rank = len(shape(arg))  # a broadcast constant (cos/sin tables): its head-h entry, physical
+        if rank == 4 and shape(arg)[1] > 1:
+            arg = self.op(aten.slice.Tensor, arg, 1, h, h + 1)
+        return to_physical(self.ctx.graph, arg, HEAD, origin=self.origin, rule=self.ctx.rule)
+
+    # -- the per-head attention ------------------------------------------------------------------
+    def build(self, a: dict) -> fx.Node:
+        q, (k, k_rep), (v, v_rep) = a["q"], _strip_repeat(a["k"]), _strip_repeat(a["v"])
+        b, heads, sq, d = shape(q)
+        kv_heads, sk = shape(k)[1], shape(k)[2]
+        group = heads // kv_heads if (k_rep > 1 or a["gqa"] or kv_heads != heads) else 1
+        scale = a["scale"] if a["scale"] is not None else 1 / math.sqrt(d)
+        keys = self._keys_transposed(k, kv_heads, d)  # (B, S_k, 1, d) per kv head
+        values = [self.head(v, j) for j in range(kv_heads)]
+        masks = self._masks(a["mask"], a["is_causal"], heads, sq, sk)
+        outputs = []
+        for h in range(heads):
+            q_h = self.op(aten.mul.Tensor, self.head(q, h), scale)  # (B, d, 1, S_q)
+            w = self.op(aten.einsum.default, "bchq,bkhc->bkhq", [q_h, keys[h // group]])  # (B, S_k, 1, S_q)
+            mask = masks[h] if len(masks) > 1 else (masks[0] if masks else None)
+            if mask is not None:
+                w = self.op(aten.add.Tensor, w, mask)
+            w = self.op(aten._softmax.default, w, 1, False)
+            outputs.append(self.op(aten.einsum.default, "bkhq,bchk->bchq", [w, values[h // group]]))
+        out = self.op(aten.cat.default, outputs, 1)  # (B, H·d, 1, S_q)
+        heads_view = self.op(aten.view.default, out, [b, heads, d, sq])  # (B, H, d, S_q)
+        return self.op(aten.permute.default, heads_view, [0, 1, 3, 2])  # (B, H, S_q, d), cancels downstream
+
+    def _keys_transposed(self, k: fx.Node, kv_heads: int, d: int) -> list[fx.Node]:
+        parts = [self.head(k, j) for j in range(kv_heads)]
+        whole = _whole(parts) or self.op(aten.cat.default, parts, 1)  # (B, C_kv, 1, S_k)
+        transposed = self.op(aten.transpose.int, whole, 1, 3)  # (B, S_k, 1, C_kv): one per layer
+        chunks = self.op(aten.split.Tensor, transposed, d, 3)
+        return [self.op(operator.getitem, chunks, j) for j in range(kv_heads)]
+
+    def _masks(self, mask, is_causal: bool, heads: int, sq: int, sk: int) -> list[fx.Node]:
+        """Additive masks in (B, S_k, 1, S_q): one shared, or one per head."""
+        found: list[fx.Node] = []
+        if mask is not None:
+            found = self._mask_physical(mask, heads)
+        if is_causal:
+            from anefx.graph import add_constant
+
+            allowed = torch.ones(sq, sk, dtype=torch.bool).tril()
+            causal = torch.zeros(sq, sk).masked_fill(~allowed, float("-inf")).t().reshape(1, sk, 1, sq)
+            dtype = self.origin.meta["val"].dtype
+            node = add_constant(self.ctx.ep, "causal_mask", causal.to(dtype))
+            found = [self.op(aten.add.Tensor, m, node) for m in found] if found else [node]
+        return found
+
+    def _mask_physical(self, mask: fx.Node, heads: int) -> list[fx.Node]:
+        dims = shape(mask)
+        value = constant_value(mask, self.ctx.ep)
+        per_head = len(dims) == 4 and dims[1] == heads and heads > 1
+        dtype = self.origin.meta["val"].dtype
+        if value is not None:  # a constant (e.g. HF's folded causal mask): precompute its layout
+            from anefx.graph import add_constant
+
+            full = value.reshape((1,) * (4 - value.dim()) + tuple(value.shape))
+            if full.dtype == torch.bool:
+                full = torch.zeros(full.shape, dtype=dtype).masked_fill(~full, float("-inf"))
+            full = full.to(dtype).permute(0, 3, 1, 2).contiguous()  # (B, S_k, H, S_q)
+            if per_head:
+                return [add_constant(self.ctx.ep, f"attention_mask_h{h}", full[:, :, h:h + 1].clone())
+                        for h in range(heads)]
+            return [add_constant(self.ctx.ep, "attention_mask", full[:, :, :1].clone())]
+        if len(dims) < 4:
+            mask = self.op(aten.view.default, mask, [1] * (4 - len(dims)) + list(dims))
+        if mask.meta["val"].dtype == torch.bool:
+            zeros = self.op(aten.zeros_like.default, mask, dtype=dtype)
+            mask = self.op(aten.masked_fill.Scalar, zeros, self.op(aten.logical_not.default, mask), float("-inf"))
+        moved = self.op(aten.permute.default, mask, [0, 3, 1, 2])  # (B, S_k, H, S_q)
+        if per_head:
+            return [self.op(aten.slice.Tensor, moved, 2, h, h + 1) for h in range(heads)]
+        return [moved]
+
+
+def _head_split(node) -> tuple[fx.Node, int] | None:
+    """(x, d) when node = transpose(view(x, [B, S, H, d]), 1, 2) with x of shape (B, S, H·d)."""
+    if not (isinstance(node, fx.Node) and node.target is aten.transpose.int):
+        return None
+    if sorted(d % 4 for d in node.args[1:3]) != [1, 2]:
+        return None
+    view = node.args[0]
+    if not (isinstance(view, fx.Node) and view.target in (aten.view.default, aten._unsafe_view.default,
+                                                           aten.reshape.default)):
+        return None
+    x = view.args[0]
+    if not isinstance(x, fx.Node) or len(shape(x)) != 3 or len(shape(view)) != 4:
+        return None
+    b, s, c = shape(x)
+    if shape(view)[:2] != (b, s) or shape(view)[2] * shape(view)[3] != c:
+        return None
+    return x, shape(view)[3]
+
+
+def _strip_repeat(node: fx.Node) -> tuple[fx.Node, int]:
+    """(k, n_rep) when node is repeat_kv(k): view(clone(expand(unsqueeze(k, 2), [B, Hkv, n, S, d])))."""
+    if not (isinstance(node, fx.Node) and node.target in (aten.view.default, aten._unsafe_view.default,
+                                                           aten.reshape.default)):
+        return node, 1
+    inner = node.args[0]
+    while isinstance(inner, fx.Node) and inner.target in IDENTITY:
+        inner = inner.args[0]
+    if not (isinstance(inner, fx.Node) and inner.target is aten.expand.default):
+        return node, 1
+    unsq = inner.args[0]
+    if not (isinstance(unsq, fx.Node) and unsq.target is aten.unsqueeze.default and unsq.args[1] % 5 == 2):
+        return node, 1
+    base = unsq.args[0]
+    b, hkv, s, d = shape(base)
+    n_rep = shape(inner)[2]
+    if shape(node) != (b, hkv * n_rep, s, d):
+        return node, 1
+    return base, n_rep
+
+
+def _whole(parts: list[fx.Node]) -> fx.Node | None:
+    """The tensor the parts slice when they are its consecutive channel slices covering it all."""
+    if not all(p.target is aten.slice.Tensor and p.args[1] == 1 for p in parts):
+        return None
+    source = parts[0].args[0]
+    expected = 0
+    for p in parts:
+        if p.args[0] is not source or p.args[2] != expected:
+            return None
+        expected = p.args[3]
+    return source if expected == shape(source)[1] else None
+
+
+RULE = Rule(
+    name="split_head_attention",
+    summary="attention → one small einsum attention per head on (B, d, 1, S), softmax over axis 1",
+    patterns=patterns,
+    check=check,
+    replace=replace,
+    after=lambda ctx: simplify_layout_chains(ctx.graph, ctx.rule),
+)
