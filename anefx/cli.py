@@ -19,7 +19,7 @@ from anefx.errors import AnefxError
 
 app = typer.Typer(help="Compile PyTorch models into Apple Neural Engine friendly CoreML programs.",
                   no_args_is_help=True, add_completion=False)
-console = Console()
+console = Console(log_path=False)
 err_console = Console(stderr=True)
 
 

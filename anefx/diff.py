@@ -299,16 +299,18 @@ def delta_text(delta: dict[str, int], limit: int = 6) -> str:
 def summary_table(d: GraphDiff):
     from rich.table import Table
 
-    table = Table(title=d.title)
-    for col, justify in (("stage", "left"), ("status", "left"), ("nodes", "right"), ("removed", "right"),
-                         ("added", "right"), ("changed", "right"), ("regions", "right"),
-                         ("modules", "right"), ("op delta", "left")):
-        table.add_column(col, justify=justify)
+    table = Table(title=d.title, caption="−/+/~: nodes removed / added / rewired (same node, new inputs)")
+    table.add_column("stage", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("nodes", justify="right", no_wrap=True)
+    table.add_column("−/+/~", justify="right", no_wrap=True)  # removed / added / rewired nodes
+    table.add_column("regions", justify="right", no_wrap=True)
+    table.add_column("op delta", ratio=1)
     for s in d.stages:
         table.add_row(s.stage, s.status or ("changed" if not s.empty else "unchanged"),
-                      f"{s.nodes_before}→{s.nodes_after}", f"-{len(s.removed)}", f"+{len(s.added)}",
-                      f"~{len(s.changed)}", str(len(s.regions)), str(len(s.by_module())),
-                      delta_text(s.op_delta))
+                      f"{s.nodes_before}→{s.nodes_after}",
+                      f"{len(s.removed)}/{len(s.added)}/{len(s.changed)}",
+                      str(len(s.regions)), delta_text(s.op_delta))
     return table
 
 

@@ -67,8 +67,8 @@ def _summary(d: GraphDiff) -> str:
     for s in d.stages:
         status = s.status or ("changed" if not s.empty else "unchanged")
         name = f'<a href="#stage-{escape(s.stage)}">{escape(s.stage)}</a>' if not s.empty else escape(s.stage)
-        cells = [name, escape(status), f"{s.nodes_before}→{s.nodes_after}", f"−{len(s.removed)}",
-                 f"+{len(s.added)}", f"~{len(s.changed)}", str(len(s.regions)), str(len(s.by_module())),
+        cells = [name, escape(status), f"{s.nodes_before}→{s.nodes_after}", str(len(s.removed)),
+                 str(len(s.added)), str(len(s.changed)), str(len(s.regions)), str(len(s.by_module())),
                  f'<span class="mono">{escape(delta_text(s.op_delta, 8))}</span>']
         rows.append("<tr>" + "".join(f'<td class="{"num" if 2 <= i <= 7 else ""}">{c}</td>'
                                      for i, c in enumerate(cells)) + "</tr>")
