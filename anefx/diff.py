@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from anefx.pipeline import PassRecord
 
 TOP_LEVEL = "(top level)"
+INPUT_OPS = ("input", "param", "buffer", "const", "object", "token")  # placeholders, by kind
 _KIND_LABELS = {"PARAMETER": "param", "BUFFER": "buffer", "CONSTANT_TENSOR": "const",
                 "USER_INPUT": "input", "CUSTOM_OBJ": "object", "TOKEN": "token"}
 
@@ -229,13 +230,15 @@ def find_regions(old: dict[str, NodeInfo], new: dict[str, NodeInfo], removed: li
     (removed nodes) and after (added nodes) and by provenance (an added node and the node it replaced).
     A rewired node joins the region(s) it touches, so it never glues two rewrites into one."""
     g = nx.Graph()
-    g.add_nodes_from(("-", n.name) for n in removed)
-    g.add_nodes_from(("+", n.name) for n in added)
+    g.add_nodes_from(("-", n.name) for n in removed if n.op not in INPUT_OPS)
+    g.add_nodes_from(("+", n.name) for n in added if n.op not in INPUT_OPS)
     for sign, own in (("-", removed), ("+", added)):
         g.add_edges_from(((sign, n.name), (sign, i)) for n in own for i in n.inputs if (sign, i) in g)
     for n in added:
         g.add_edges_from((("+", n.name), ("-", o)) for o in n.origins if ("-", o) in g)
     components = [set(c) for c in nx.connected_components(g)]
+    where = {key: i for i, c in enumerate(components) for key in c}
+    _attach_constants(components, where, removed, added, old, new)
     where = {key: i for i, c in enumerate(components) for key in c}
     touched: dict[int, list[tuple[NodeInfo, NodeInfo]]] = {}
     for b, a in changed:
@@ -248,6 +251,22 @@ def find_regions(old: dict[str, NodeInfo], new: dict[str, NodeInfo], removed: li
     regions = [_region(c, touched.get(i, []), old, new) for i, c in enumerate(components)]
     order = {name: i for i, name in enumerate([*old, *new])}
     return sorted(regions, key=lambda r: order.get(r.anchor, 0))
+
+
+def _attach_constants(components: list[set], where: dict, removed: list[NodeInfo], added: list[NodeInfo],
+                      old: dict[str, NodeInfo], new: dict[str, NodeInfo]) -> None:
+    """A removed / added placeholder (e.g. one attention mask shared by every layer) joins the region
+    of the node it was folded from, else each region that reads it, else its own region."""
+    for sign, own, infos in (("-", removed, old), ("+", added, new)):
+        for n in (n for n in own if n.op in INPUT_OPS):
+            near = {where[("-", o)] for o in n.origins if ("-", o) in where}
+            near = near or {where[(sign, u.name)] for u in infos.values()
+                            if n.name in u.inputs and (sign, u.name) in where}
+            if not near:
+                components.append(set())
+                near = {len(components) - 1}
+            for i in near:
+                components[i].add((sign, n.name))
 
 
 def _neighbours(b: NodeInfo, a: NodeInfo, old: dict[str, NodeInfo], new: dict[str, NodeInfo]):
@@ -276,13 +295,15 @@ def _side(infos: dict[str, NodeInfo], own: list[NodeInfo], changed: list[NodeInf
 
 def _module_of(removed: list[NodeInfo], changed: list[tuple[NodeInfo, NodeInfo]],
                added: list[NodeInfo]) -> str:
-    """The module most of the region's original nodes came from (the added ones when none)."""
-    votes = Counter(n.module for n in [*removed, *(b for b, _ in changed if b.op != "output")])
+    """The module of the nodes the stage replaced: new nodes carry the module of the node they replace
+    (their anchor); a region that only removes votes with its removed and rewired nodes."""
+    votes = Counter(n.module for n in added if n.rule is not None)
+    if not votes:
+        votes = Counter(n.module for n in [*removed, *(b for b, _ in changed if b.op != "output")])
     if not votes:
         votes = Counter(n.module for n in added) or Counter(b.module for b, _ in changed)
     named = [m for m, _ in votes.most_common() if m != TOP_LEVEL]
     return named[0] if named else TOP_LEVEL
-
 
 def op_counts(ops: Sequence[str]) -> str:
     """'linear' / 'permute×2 convolution' — a compact op list."""
