@@ -116,7 +116,8 @@ class MilRunner:
         dtype = self._storage_dtype(ttype)
         if ttype is not None and ttype.shape is not None and not _shape_matches(value.shape, ttype.shape):
             raise MilRuntimeError(f"{op.type} {op.name!r}: output {name!r} has shape {value.shape}, the "
-                                  f"program declares {ttype.shape} (a kernel bug, or a shape coremltools inferred wrongly).")
+                                  f"program declares {ttype.shape} (a kernel bug, or a shape coremltools "
+                                  "inferred wrongly).")
         stored = value if dtype is None else value.astype(dtype, copy=False)
         return self._to_kernel(stored) if self.precision == "fp16" else stored
 
