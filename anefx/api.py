@@ -22,11 +22,12 @@ log = logging.getLogger("anefx")
 def compile(model: torch.nn.Module, example_args: Any, example_kwargs: dict | None = None, *,
             compute_units: str = "CPU_AND_NE", deployment_target: str = "iOS18", precision: str = "fp16",
             rules: Sequence[Rule | str] | None = None, verify: bool = True,
+            attention: str = "split_heads",
             progress: Callable[[str], None] | None = None) -> CompiledModel:
     """Compile `model` for the example inputs into a CoreML ML program. See docs/api.md."""
-    check_options(compute_units, deployment_target, precision)
+    check_options(compute_units, deployment_target, precision, attention)
     say = progress or (lambda msg: log.info(msg))
-    chosen = resolve_rules(rules, compute_units)
+    chosen = resolve_rules(rules, compute_units, attention)
     say("capture")
     cap = capture(model, example_args, example_kwargs)
     rewritten, records, snapshots = run_pipeline(
@@ -38,17 +39,21 @@ def compile(model: torch.nn.Module, example_args: Any, example_kwargs: dict | No
         exported=cap.exported, rewritten=rewritten, mlmodel=mlmodel, passes=records, snapshots=snapshots,
         input_names=cap.input_names, output_names=cap.output_names,
         options={"compute_units": compute_units, "deployment_target": deployment_target,
-                 "precision": precision, "rules": [r.name for r in chosen], "verify": verify},
+                 "precision": precision, "rules": [r.name for r in chosen], "verify": verify,
+                 "attention": attention},
         notes=cap.notes, _out_spec=pytree.tree_structure(cap.reference))
 
 
-def resolve_rules(rules: Sequence[Rule | str] | None, compute_units: str) -> list[Rule]:
-    """An explicit list wins; otherwise the default rules, ANE rules only for ANE compute units."""
+def resolve_rules(rules: Sequence[Rule | str] | None, compute_units: str,
+                  attention: str = "split_heads") -> list[Rule]:
+    """An explicit list wins; otherwise the default rules, ANE rules only for ANE compute units,
+    and the split-head attention rule unless `attention="sdpa"` keeps the fused attention."""
     from rewrites import RULES
 
     if rules is None:
         on_ane = compute_units in NEURAL_ENGINE_UNITS
-        return [r for r in RULES if on_ane or not r.ane]
+        return [r for r in RULES if (on_ane or not r.ane)
+                and not (attention == "sdpa" and r.name == "split_head_attention")]
     by_name = {r.name: r for r in RULES}
     chosen = []
     for r in rules:
@@ -61,5 +66,5 @@ def resolve_rules(rules: Sequence[Rule | str] | None, compute_units: str) -> lis
     return chosen
 
 
-def default_rules(compute_units: str = "CPU_AND_NE") -> list[Rule]:
-    return resolve_rules(None, compute_units)
+def default_rules(compute_units: str = "CPU_AND_NE", attention: str = "split_heads") -> list[Rule]:
+    return resolve_rules(None, compute_units, attention)

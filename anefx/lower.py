@@ -19,12 +19,14 @@ COMPUTE_UNITS = ("CPU_AND_NE", "ALL", "CPU_ONLY", "CPU_AND_GPU")
 NEURAL_ENGINE_UNITS = ("CPU_AND_NE", "ALL")
 PRECISIONS = ("fp16", "fp32")
 TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
+ATTENTION = ("split_heads", "sdpa")
 
 
-def check_options(compute_units: str, deployment_target: str, precision: str) -> None:
+def check_options(compute_units: str, deployment_target: str, precision: str,
+                  attention: str = "split_heads") -> None:
     for value, allowed, what in ((compute_units, COMPUTE_UNITS, "compute_units"),
                                  (deployment_target, TARGETS, "deployment_target"),
-                                 (precision, PRECISIONS, "precision")):
+                                 (precision, PRECISIONS, "precision"), (attention, ATTENTION, "attention")):
         if value not in allowed:
             raise OptionError(f"{what}={value!r} is not one of {', '.join(allowed)}.")
 

@@ -38,6 +38,63 @@ class Pattern:
         return trace_pattern(self.fn, self.example())
 
 
+class _AllModule(torch.nn.Module):
+    """Every pattern of a rule in one module, so one export + decomposition traces them all."""
+
+    def __init__(self, patterns: Sequence[Pattern], arities: list[int]):
+        super().__init__()
+        self.fns, self.arities = [p.fn for p in patterns], arities
+
+    def forward(self, *args):
+        outputs, start = [], 0
+        for fn, arity in zip(self.fns, self.arities, strict=True):
+            outputs.append(fn(*args[start:start + arity]))
+            start += arity
+        return tuple(outputs)
+
+
+def trace_all(patterns: Sequence[Pattern]) -> None:
+    """Trace the patterns not traced yet, together (a decomposition costs ~0.3 s per export)."""
+    todo = [p for p in patterns if "graph" not in p.__dict__]
+    if len(todo) < 2:
+        return
+    # fresh copies: export merges a tensor object passed twice into one input
+    examples = [tuple(t.clone() for t in p.example()) for p in todo]
+    flat = [t for ex in examples for t in ex]
+    with torch.no_grad():
+        ep = torch.export.export(_AllModule(todo, [len(ex) for ex in examples]), tuple(flat),
+                                 strict=False).run_decompositions({})
+    graph = ep.graph_module.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    outputs = graph.output_node().args[0]
+    start = 0
+    for pattern, example, out in zip(todo, examples, outputs, strict=True):
+        mine = placeholders[start:start + len(example)]
+        start += len(example)
+        pattern.__dict__["graph"] = _slice(graph, mine, out)
+
+
+def _slice(graph: fx.Graph, inputs: list[fx.Node], output: fx.Node) -> fx.Graph:
+    """A new graph holding `output` and the nodes it depends on, with `inputs` as placeholders."""
+    needed, stack = set(), [output]
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    new = fx.Graph()
+    env = {}
+    for i, node in enumerate(inputs):
+        env[node] = new.placeholder(f"args_{i}")
+        env[node].meta = dict(node.meta)
+    for node in graph.nodes:
+        if node in needed and node.op == "call_function" and node.target not in NOISE_OPS:
+            env[node] = new.node_copy(node, lambda n: env[n])
+    new.output(env[output])
+    return _literal_agnostic(new)
+
+
 class _FnModule(torch.nn.Module):
     def __init__(self, fn):
         super().__init__()
@@ -55,6 +112,10 @@ def trace_pattern(fn: Callable, example: tuple) -> fx.Graph:
         if node.op == "call_function" and node.target in NOISE_OPS:
             graph.erase_node(node)
     graph.eliminate_dead_code()
+    return _literal_agnostic(graph)
+
+
+def _literal_agnostic(graph: fx.Graph) -> fx.Graph:
     for node in graph.nodes:  # int lists (dims, view shapes) match any int list; checks read them
         node.args = tuple(AnyInts(a) if _int_list(a) and a else a for a in node.args)
     return graph
@@ -165,6 +226,7 @@ def apply_rule(rule: Rule, ep: ExportedProgram) -> RuleResult:
     ctx = Context(ep=ep, rule=rule.name)
     result = RuleResult()
     seen_refusals: set[tuple[str, str]] = set()
+    trace_all(rule.patterns())
     if rule.run is not None:
         result.matches, result.refusals = rule.run(ctx)
     for pattern in rule.patterns():

@@ -59,3 +59,41 @@ def rewrite(model: torch.nn.Module, args: tuple, rules: list, kwargs: dict | Non
     cap = capture(model, args, kwargs)
     after, records, snapshots = run_pipeline(cap.exported, rules, (cap.args, cap.kwargs))
     return dict(snapshots)["legalize"], after, records
+
+
+def program(compiled, tmp_path: Path):
+    """The saved package read back (anefx.mil.read_program): operations, constants, shapes."""
+    from anefx.mil import read_program
+
+    return read_program(compiled.save(tmp_path / "model.mlpackage"))
+
+
+def const_arg(prog, op, name):
+    """The constant value bound to argument `name` of a MIL operation (None when absent)."""
+    import numpy as np
+
+    from anefx.mil.reader import Literal
+
+    bound = op.inputs.get(name)
+    if not bound:
+        return None
+    value = bound[0].value if isinstance(bound[0], Literal) else prog.constants[bound[0]]
+    return np.asarray(value).tolist()
+
+
+def ane_summary(prog) -> dict:
+    """The figures the layout issue asks for, from a program read back from disk."""
+    ops = [op for op in prog.operations if op.type != "const"]
+    types = Counter(op.type for op in ops)
+    shapes = [tuple(t.shape) for op in ops for _, t in op.outputs if t is not None and t.shape is not None]
+    softmax = [op for op in ops if op.type == "softmax"]
+    norms = [op for op in ops if op.type == "layer_norm"]
+    return {
+        "types": types,
+        "layout_ops": types["transpose"] + types["reshape"],
+        "max_rank": max(len(s) for s in shapes),
+        "largest_dim": max(max(s) for s in shapes if s),
+        "softmax_shapes": Counter(tuple(op.outputs[0][1].shape) for op in softmax),
+        "softmax_axes": Counter(const_arg(prog, op, "axis") for op in softmax),
+        "norm_axes": Counter(tuple(const_arg(prog, op, "axes")) for op in norms),
+    }
