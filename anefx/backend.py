@@ -222,6 +222,7 @@ def _notice_once() -> None:
         _NOTICE_SHOWN = True
         from anefx.compiled import AnefxNotice
 
-        warnings.warn("anefx backend: CoreML cannot run on this OS, so torch.compile(backend='anefx') runs "
-                      "the verified rewritten graph in torch (the program that was lowered to CoreML).",
-                      AnefxNotice, stacklevel=2)
+        # no source line to point at: the caller is dynamo's generated code
+        warnings.warn_explicit("CoreML cannot run on this OS, so torch.compile(backend='anefx') runs the "
+                               "verified rewritten graph in torch (the program that was lowered to CoreML).",
+                               AnefxNotice, filename="anefx backend", lineno=0, module="anefx.backend")
