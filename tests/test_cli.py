@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from anefx import zoo
+from anefx.backend import accepts_attention
 from anefx.cli import app
 from anefx.errors import InvalidExampleError
 from anefx.package_report import Tensor, package_report
@@ -90,6 +91,7 @@ def test_compile_factory_brings_its_examples(model_file, tmp_path):
     assert result.exit_code == 0, result.output
     assert "x (1, 16, 32) float32" in flat(result) and out.is_dir()
     assert "convolution" not in result.output  # CPU_ONLY: the ANE rules do not run
+    assert accepts_attention() or "--attention split_heads is kept" in flat(result)
 
 
 def test_compile_hf_directory_offline(bert_dir, tmp_path):
