@@ -24,7 +24,7 @@ Why: the ANE runs small 4-D einsums/matmuls with softmax over the channel axis w
 (B, H, S, S) attention with softmax over the last axis, and the reshapes/transposes around it, are
 slow there (Apple, "Deploying Transformers on the Apple Neural Engine", 2022).
 
-Refuses: dropout in attention, a mask whose shape is not (…, S_q, S_k), q/k/v produced by ops it
+Refuses: dropout in attention, a mask that does not broadcast to (…, S_q, S_k), q/k/v produced by ops it
 cannot follow per head (reported with the op).
 """
 
@@ -132,9 +132,10 @@ def check(match: Match, ctx: Context) -> str | None:
     if h % hk:
         return f"{h} query heads do not group over {hk} key/value heads"
     mask = a["mask"]
-    if mask is not None and (not isinstance(mask, fx.Node) or shape(mask)[-2:] != (sq, sk)
-                             or len(shape(mask)) > 4):
-        return f"mask of shape {shape(mask) if isinstance(mask, fx.Node) else mask} is not (…, S_q, S_k)"
+    if mask is not None and (not isinstance(mask, fx.Node) or len(shape(mask)) > 4 or len(shape(mask)) < 2
+                             or shape(mask)[-2] not in (1, sq) or shape(mask)[-1] not in (1, sk)):
+        return f"mask of shape {shape(mask) if isinstance(mask, fx.Node) else mask} does not broadcast to " \
+               f"(…, {sq}, {sk})"
     if mask is not None and len(shape(mask)) == 4 and shape(mask)[1] not in (1, h):
         return f"mask with {shape(mask)[1]} head entries for {h} heads"
     try:

@@ -51,13 +51,13 @@ def gamma_multiplies_after_norms(records: list[OpRecord]) -> list[str]:
     return found
 
 
-def rewrite(model: torch.nn.Module, args: tuple, rules: list, kwargs: dict | None = None):
+def rewrite(model: torch.nn.Module, args: tuple, rules: list, kwargs: dict | None = None, verify=True):
     """Capture and run the pipeline with `rules` only (no lowering): (before, after, records)."""
     from anefx.capture import capture
     from anefx.pipeline import run_pipeline
 
     cap = capture(model, args, kwargs)
-    after, records, snapshots = run_pipeline(cap.exported, rules, (cap.args, cap.kwargs))
+    after, records, snapshots = run_pipeline(cap.exported, rules, (cap.args, cap.kwargs), verify=verify)
     return dict(snapshots)["legalize"], after, records
 
 
