@@ -53,7 +53,8 @@ class BackendOptions:
         from anefx.lower import check_options
 
         parsed = cls(**options)
-        check_options(parsed.compute_units, parsed.deployment_target, parsed.precision)
+        attention = (parsed.attention,) if parsed.attention is not None and accepts_attention() else ()
+        check_options(parsed.compute_units, parsed.deployment_target, parsed.precision, *attention)
         return parsed
 
     def compile_kwargs(self) -> dict[str, Any]:

@@ -61,8 +61,8 @@ Precision = Annotated[str, typer.Option("--precision", help="fp16 or fp32")]
 DeploymentTarget = Annotated[str, typer.Option("--target", help="minimum deployment target, e.g. iOS18")]
 Rules = Annotated[str | None, typer.Option(
     "--rules", help="comma-separated rule names to run, in this order (default: anefx's rule list)")]
-Attention = Annotated[str | None, typer.Option("--attention",
-                                                help="attention strategy, for the attention rule")]
+Attention = Annotated[str | None, typer.Option(
+    "--attention", help="split_heads (one attention per head, the default) or sdpa (keep fused attention)")]
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from anefx import zoo
-from anefx.backend import AnefxCompiledGraph, BackendOptions, anefx_backend
+from anefx.backend import AnefxCompiledGraph, BackendOptions, accepts_attention, anefx_backend
 from anefx.errors import OptionError
 
 
@@ -149,5 +149,9 @@ def test_options_are_checked_and_attention_is_kept():
     assert parsed.compile_kwargs()["precision"] == "fp32"
     with pytest.raises(OptionError, match="precision='fp8'"):
         BackendOptions.parse({"precision": "fp8"})
+    if accepts_attention():  # anefx.compile checks the attention strategy
+        assert parsed.compile_kwargs()["attention"] == "split_heads"
+        with pytest.raises(OptionError, match="attention='flash'"):
+            BackendOptions.parse({"attention": "flash"})
     with pytest.raises(OptionError, match="mode"):
         anefx_backend(torch.fx.symbolic_trace(nn.ReLU()), [torch.randn(2)], mode="max-autotune")
