@@ -46,8 +46,8 @@ def checks() -> list[Check]:
     mac = sys.platform == "darwin"
     found.append(Check("platform", f"{platform.system()} {platform.release()} ({platform.machine()})", True,
                        "macOS: compiled models run in CoreML" if mac else
-                       "not macOS: anefx converts to CoreML here, but CoreML cannot run; calling a compiled "
-                       "model runs its verified rewritten graph in torch instead"))
+                       "not macOS: anefx converts to CoreML here, but CoreML cannot run; a compiled model "
+                       "runs a stand-in instead and says which in a one-time AnefxNotice"))
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     found.append(Check("chromium", browser or "not found", browser is not None,
                        "used by the tests of the HTML graph diff (headless screenshots)" if browser else
