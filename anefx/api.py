@@ -41,7 +41,9 @@ def compile(model: torch.nn.Module, example_args: Any, example_kwargs: dict | No
         options={"compute_units": compute_units, "deployment_target": deployment_target,
                  "precision": precision, "rules": [r.name for r in chosen], "verify": verify,
                  "attention": attention},
-        notes=cap.notes, _out_spec=pytree.tree_structure(cap.reference))
+        notes=cap.notes, _out_spec=pytree.tree_structure(cap.reference),
+        _output_dtypes=[t.dtype for t in pytree.tree_leaves(cap.reference)],
+        _example=(cap.args, {k: v for k, v in cap.kwargs.items() if isinstance(v, torch.Tensor)}))
 
 
 def resolve_rules(rules: Sequence[Rule | str] | None, compute_units: str,

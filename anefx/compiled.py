@@ -38,6 +38,9 @@ class CompiledModel:
     options: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     _out_spec: Any = None
+    _example: tuple[tuple, dict] = ((), {})
+    _output_dtypes: list[torch.dtype] = field(default_factory=list)
+    _runners: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def save(self, path: str | Path) -> Path:
         """Write the .mlpackage (the suffix is added when missing)."""
@@ -48,23 +51,57 @@ class CompiledModel:
         return path
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if sys.platform == "darwin":
-            return self._predict_coreml(args, kwargs)
-        _notice_once("CoreML cannot run on this OS: anefx runs the verified rewritten graph in torch "
-                     "instead (the same program that was lowered, before coremltools).")
-        with torch.no_grad():
-            return self.rewritten.module()(*args, **kwargs)
+        """Run the lowered program: CoreML on macOS; elsewhere anefx's MIL interpreter runs the saved
+        package (emulating fp16 for an fp16 program). Returns the model's own output structure."""
+        if sys.platform != "darwin":
+            _notice_once("CoreML cannot run on this OS: anefx runs the saved ML program in its own MIL "
+                         f"interpreter instead ({self.options.get('precision', 'fp16')} emulated in numpy).")
+        outs = [torch.from_numpy(np.asarray(a)) for a in self.predict(*args, **kwargs).values()]
+        outs = [o.to(d) for o, d in zip(outs, self._output_dtypes, strict=False)] + outs[len(self._output_dtypes):]
+        return pytree.tree_unflatten(outs, self._out_spec) if self._out_spec is not None else tuple(outs)
 
-    def _predict_coreml(self, args: tuple, kwargs: dict) -> Any:
+    def predict(self, *args: Any, precision: str | None = None, **kwargs: Any) -> dict[str, np.ndarray]:
+        """The lowered program's outputs by name (CoreML on macOS, the MIL interpreter elsewhere)."""
+        feed = self._feed(args, kwargs)
+        if sys.platform == "darwin" and precision is None:
+            result = self.mlmodel.predict(feed)
+            return {name: np.asarray(result[name]) for name in self.output_names}
+        runner = self._runner(precision or self.options.get("precision", "fp16"))
+        return runner(**feed)
+
+    def verify(self, *args: Any, precision: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Per output: max absolute error, max relative error and PSNR of the lowered program against
+        the original model (its captured program), on the example inputs or on the ones given."""
+        from anefx.mil import compare
+
+        if not args and not kwargs:
+            args, kwargs = self._example
+        with torch.no_grad():
+            reference = self.exported.module()(*args, **kwargs)
+        expected = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
+        actual = self.predict(*args, precision=precision, **kwargs)
+        return {name: compare(actual[name], ref) for name, ref in zip(self.output_names, expected, strict=True)}
+
+    def _feed(self, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
         flat = pytree.tree_leaves((args, {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}))
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         if len(tensors) != len(self.input_names):
             raise InvalidExampleError(f"expected {len(self.input_names)} tensor inputs "
                                       f"({', '.join(self.input_names)}), got {len(tensors)}.")
-        feed = {name: _to_numpy(t) for name, t in zip(self.input_names, tensors, strict=True)}
-        result = self.mlmodel.predict(feed)
-        outs = [torch.from_numpy(np.asarray(result[name])) for name in self.output_names]
-        return pytree.tree_unflatten(outs, self._out_spec) if self._out_spec is not None else tuple(outs)
+        return {name: _to_numpy(t) for name, t in zip(self.input_names, tensors, strict=True)}
+
+    def _runner(self, precision: str) -> Any:
+        if precision not in self._runners:
+            import tempfile
+            import weakref
+
+            from anefx.mil import load_mlpackage
+
+            folder = tempfile.TemporaryDirectory(prefix="anefx-")
+            weakref.finalize(self, folder.cleanup)
+            path = self.save(Path(folder.name) / "model.mlpackage")
+            self._runners[precision] = load_mlpackage(path, precision=precision)
+        return self._runners[precision]
 
     def diff(self, title: str = "anefx graph diff") -> GraphDiff:
         """What each stage (legalize, then each rule) changed, grouped by module. See docs/inspection.md."""
