@@ -128,7 +128,7 @@ def check(match: Match, ctx: Context) -> str | None:
         return f"attention dropout p={a['dropout']} (compile the model in eval mode)"
     if not isinstance(a["scale"], float | int | None):
         return "the attention scale is a tensor"
-    (b, h, sq, d), (_, hk, sk, _) = shape(a["q"]), shape(a["k"])
+    (_, h, sq, _), (_, hk, sk, _) = shape(a["q"]), shape(a["k"])
     if h % hk:
         return f"{h} query heads do not group over {hk} key/value heads"
     mask = a["mask"]
@@ -221,13 +221,13 @@ class _Heads:
 
     # -- the per-head attention ------------------------------------------------------------------
     def build(self, a: dict) -> fx.Node:
-        q, (k, k_rep), (v, v_rep) = a["q"], _strip_repeat(a["k"]), _strip_repeat(a["v"])
+        q, (k, _), (v, _) = a["q"], _strip_repeat(a["k"]), _strip_repeat(a["v"])
         b, heads, sq, d = shape(q)
-        kv_heads, sk = shape(k)[1], shape(k)[2]
-        group = heads // kv_heads if (k_rep > 1 or a["gqa"] or kv_heads != heads) else 1
+        kv_heads, v_heads, sk = shape(k)[1], shape(v)[1], shape(k)[2]
+        group, v_group = heads // kv_heads, heads // v_heads  # query head h reads K/V head h // group
         scale = a["scale"] if a["scale"] is not None else 1 / math.sqrt(d)
         keys = self._keys_transposed(k, kv_heads, d)  # (B, S_k, 1, d) per kv head
-        values = [self.head(v, j) for j in range(kv_heads)]
+        values = [self.head(v, j) for j in range(v_heads)]
         masks = self._masks(a["mask"], a["is_causal"], heads, sq, sk)
         outputs = []
         for h in range(heads):
@@ -237,7 +237,7 @@ class _Heads:
             if mask is not None:
                 w = self.op(aten.add.Tensor, w, mask)
             w = self.op(aten._softmax.default, w, 1, False)
-            outputs.append(self.op(aten.einsum.default, "bkhq,bchk->bchq", [w, values[h // group]]))
+            outputs.append(self.op(aten.einsum.default, "bkhq,bchk->bchq", [w, values[h // v_group]]))
         out = self.op(aten.cat.default, outputs, 1)  # (B, H·d, 1, S_q)
         heads_view = self.op(aten.view.default, out, [b, heads, d, sq])  # (B, H, d, S_q)
         return self.op(aten.permute.default, heads_view, [0, 1, 3, 2])  # (B, H, S_q, d), cancels downstream

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import anefx
 from rewrites import RULES
-from rewrites.split_head_attention import RULE
 from tests.helpers import ane_summary, ops, program, rewrite
 
 B, S, H, D = 1, 12, 4, 8
