@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,10 +67,9 @@ def run_eager(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
             return model(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - re-raised as an actionable error
         where = user_frame(exc)
-        shapes = ", ".join(_describe(a) for a in args)
-        kw = ", ".join(f"{k}={_describe(v)}" for k, v in kwargs.items())
+        described = [_describe(a) for a in args] + [f"{k}={_describe(v)}" for k, v in kwargs.items()]
         raise InvalidExampleError(
-            f"the model fails on the example inputs ({shapes}{', ' if kw else ''}{kw}): "
+            f"the model fails on the example inputs ({', '.join(described)}): "
             f"{type(exc).__name__}: {_first_line(exc)}{where}. "
             "Pass example inputs with the shapes and dtypes the model expects.") from exc
 
@@ -80,7 +80,9 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict) -> ExportedProgram
             ep = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001 - re-raised as an actionable error
         raise CaptureError(capture_message(exc)) from exc
-    ep = ep.run_decompositions({})
+    with warnings.catch_warnings():  # torch's own pytree deprecation noise
+        warnings.simplefilter("ignore", FutureWarning)
+        ep = ep.run_decompositions({})
     drop_constant_inputs(ep, args, kwargs)
     return ep
 

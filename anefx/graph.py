@@ -182,8 +182,9 @@ def snapshot(ep: ExportedProgram) -> ExportedProgram:
         if copied.name != old.name:  # the copy renames nodes that shadow builtins ("input")
             copied.name = old.name
     gm.recompile()
-    new = ep._update(gm, signature, state_dict=dict(ep.state_dict),
-                     constants=dict(ep.constants))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        new = ep._update(gm, signature, state_dict=dict(ep.state_dict), constants=dict(ep.constants))
     return new
 
 

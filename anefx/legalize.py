@@ -6,6 +6,10 @@
   `aten.diff` / `aten.new_ones`, rotary cos/sin tables, position ids) are evaluated once and become
   lifted constants: the shapes are static, so their values are too.
 - SDPA's `scale=` equal to the default 1/sqrt(head_dim) is dropped (HF always passes it).
+- SDPA's `enable_gqa=True` (no coremltools lowering) becomes transformers' repeat_kv form, which the
+  split-head attention rule recognises and indexes instead of copying.
+- `__and__` / `__or__` on booleans (HF's padding-mask construction) become `logical_and` / `logical_or`,
+  which coremltools lowers.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch.fx as fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from anefx.graph import add_constant, constant_value, copy_provenance, finish
+from anefx.graph import add_constant, constant_value, copy_provenance, emit, finish
 
 aten = torch.ops.aten
 DROPPED = (aten._assert_tensor_metadata.default,)
@@ -41,12 +45,50 @@ def legalize(ep: ExportedProgram) -> Counter:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
             done["alias"] += 1
-        elif node.target is aten.scaled_dot_product_attention.default and _default_scale(node):
-            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "scale"}
-            done["sdpa_scale"] += 1
+        elif node.target is aten.scaled_dot_product_attention.default:
+            if _default_scale(node):
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "scale"}
+                done["sdpa_scale"] += 1
+            if node.kwargs.get("enable_gqa"):
+                _repeat_kv(node)
+                done["sdpa_gqa"] += 1
+        elif node.target in BOOLEAN and all(_is_bool(a) for a in node.args[:2]):
+            node.target = BOOLEAN[node.target]
+            done["logical"] += 1
     done["folded"] = fold_constants(ep)
     finish(ep)
     return +done
+
+
+BOOLEAN = {aten.__and__.Tensor: aten.logical_and.default, aten.__or__.Tensor: aten.logical_or.default,
+           aten.bitwise_and.Tensor: aten.logical_and.default, aten.bitwise_or.Tensor: aten.logical_or.default}
+
+
+def _is_bool(arg) -> bool:
+    return isinstance(arg, fx.Node) and isinstance(arg.meta.get("val"), torch.Tensor) \
+        and arg.meta["val"].dtype == torch.bool
+
+
+def _repeat_kv(node: fx.Node) -> None:
+    """enable_gqa → K/V repeated per query head, as transformers' repeat_kv writes it."""
+    q, k, v = node.args[:3]
+    b, heads, _, _ = q.meta["val"].shape
+    graph = node.graph
+    new_args = list(node.args)
+    with graph.inserting_before(node):
+        for i, kv in ((1, k), (2, v)):
+            _, kv_heads, s, d = kv.meta["val"].shape
+            if kv_heads == heads:
+                continue
+            rep = heads // kv_heads
+            u = emit(graph, aten.unsqueeze.default, (kv, 2), origin=node, rule="legalize")
+            e = emit(graph, aten.expand.default, (u, [b, kv_heads, rep, s, d]), origin=node, rule="legalize")
+            c = emit(graph, aten.clone.default, (e,), {"memory_format": torch.contiguous_format},
+                     origin=node, rule="legalize")
+            new_args[i] = emit(graph, aten._unsafe_view.default, (c, [b, heads, s, d]), origin=node,
+                               rule="legalize")
+    node.args = tuple(new_args)
+    node.kwargs = {k: val for k, val in node.kwargs.items() if k != "enable_gqa"}
 
 
 def _default_scale(node: fx.Node) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +62,8 @@ def trace_all(patterns: Sequence[Pattern]) -> None:
     # fresh copies: export merges a tensor object passed twice into one input
     examples = [tuple(t.clone() for t in p.example()) for p in todo]
     flat = [t for ex in examples for t in ex]
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():  # torch's own pytree deprecation noise
+        warnings.simplefilter("ignore", FutureWarning)
         ep = torch.export.export(_AllModule(todo, [len(ex) for ex in examples]), tuple(flat),
                                  strict=False).run_decompositions({})
     graph = ep.graph_module.graph

@@ -282,9 +282,12 @@ class _Heads:
             return [add_constant(self.ctx.ep, "attention_mask", full[:, :, :1].clone())]
         if len(dims) < 4:
             mask = self.op(aten.view.default, mask, [1] * (4 - len(dims)) + list(dims))
-        if mask.meta["val"].dtype == torch.bool:
-            zeros = self.op(aten.zeros_like.default, mask, dtype=dtype)
-            mask = self.op(aten.masked_fill.Scalar, zeros, self.op(aten.logical_not.default, mask), float("-inf"))
+        if mask.meta["val"].dtype == torch.bool:  # keep → 0, drop → -inf (where, not masked_fill on
+            from anefx.graph import add_constant  # zeros_like: coremltools drops zeros_like's dtype)
+
+            zero = add_constant(self.ctx.ep, "mask_keep", torch.zeros((), dtype=dtype))
+            drop = add_constant(self.ctx.ep, "mask_drop", torch.full((), float("-inf"), dtype=dtype))
+            mask = self.op(aten.where.self, mask, zero, drop)
         moved = self.op(aten.permute.default, mask, [0, 3, 1, 2])  # (B, S_k, H, S_q)
         if per_head:
             return [self.op(aten.slice.Tensor, moved, 2, h, h + 1) for h in range(heads)]
