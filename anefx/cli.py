@@ -180,6 +180,33 @@ def report_command(package: Annotated[Path, typer.Argument(help="a saved .mlpack
         console.print("[green]no op from the ANE op table[/] (docs/cli.md): every op may run on the ANE.")
 
 
+@app.command("verify")
+@friendly_errors
+def verify_command(
+    package: Annotated[Path, typer.Argument(help="a saved .mlpackage")],
+    module: Annotated[str, typer.Option("--module", "-m", help="the model it came from: file.py:attr, a "
+                                        "local HF model directory, or zoo:NAME")],
+    examples: Examples = None,
+    precision: Annotated[str, typer.Option("--precision", help="fp16 (emulated, as on the device) or fp32")]
+    = "fp16",
+) -> None:
+    """Run a saved package with anefx's MIL interpreter and compare it with the PyTorch model."""
+    from rich.table import Table
+
+    from anefx.target import example_inputs, load_target, parse_example
+    from anefx.verify import verify_package
+
+    loaded = load_target(module)
+    args, kwargs = example_inputs(loaded, [parse_example(e) for e in examples or []])
+    report = verify_package(package, loaded.model, args, kwargs, precision)
+    table = Table(title=f"{package.name} vs {loaded.description} ({precision})")
+    for col in ("output", "max abs error", "max rel error", "PSNR (dB)"):
+        table.add_column(col, justify="left" if col == "output" else "right")
+    for name, r in report.items():
+        table.add_row(name, f"{r.max_abs:.3g}", f"{r.max_rel:.3g}", f"{r.psnr_db:.1f}")
+    console.print(table)
+
+
 @app.command("doctor")
 @friendly_errors
 def doctor_command() -> None:

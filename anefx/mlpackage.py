@@ -30,6 +30,9 @@ def load_spec(path: str | Path) -> Any:
     path = Path(path)
     if not path.exists():
         raise PackageError(f"{path} does not exist; pass the path of a saved .mlpackage.")
+    from anefx.lower import _quiet_coremltools
+
+    _quiet_coremltools()
     from coremltools.models.utils import load_spec as ct_load_spec
 
     try:
