@@ -88,7 +88,30 @@ def simplify_layout_chains(graph: fx.Graph, rule: str) -> int:
         node.replace_all_uses_with(new)
         shortened += 1
     graph.eliminate_dead_code()
+    _merge_duplicates(graph)
     return shortened
+
+
+def _merge_duplicates(graph: fx.Graph) -> None:
+    """Identical layout ops of the same input (each rule converts what it needs) become one."""
+    seen: dict[tuple, fx.Node] = {}
+    for node in list(graph.nodes):
+        if not is_layout_op(node):
+            continue
+        key = (node.target, _frozen(node.args), _frozen(node.kwargs))
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+        else:
+            seen[key] = node
+
+
+def _frozen(value):
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 def _cost(targets: list) -> float:
