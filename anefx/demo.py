@@ -30,8 +30,25 @@ def run_demo(output: Path = Path("anefx-demo.mlpackage"), console: Console | Non
 
     console.print(histogram_table(mil_histogram(plain.mlmodel), mil_histogram(compiled.mlmodel),
                                   "lowered program (non-const MIL ops)"))
+    console.print(_layout_line(plain, compiled))
     with console.status("saving"):
         path = compiled.save(output)
     console.print(f"wrote [bold]{path}[/] (inputs: {', '.join(compiled.input_names)}; "
                   f"outputs: {', '.join(compiled.output_names)})")
     return path
+
+
+def _layout_line(plain, compiled) -> str:
+    """Transposes + reshapes, per-head softmaxes and the largest tensor rank, without → with rules."""
+    from anefx.lower import mil_operations
+
+    def figures(c):
+        ops = [op for op in mil_operations(c.mlmodel) if op.op_type != "const"]
+        layout = sum(op.op_type in ("transpose", "reshape") for op in ops)
+        softmax = sum(op.op_type == "softmax" for op in ops)
+        rank = max((len(o.shape) for op in ops for o in op.outputs if o.shape is not None), default=0)
+        return layout, softmax, rank
+
+    (l0, s0, r0), (l1, s1, r1) = figures(plain), figures(compiled)
+    return (f"transposes + reshapes: {l0} → {l1}; softmax ops: {s0} → {s1} (fused attention → one per head, "
+            f"over the channel axis); largest tensor rank: {r0} → {r1}")
