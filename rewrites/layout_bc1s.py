@@ -203,9 +203,6 @@ def _after(node: fx.Node) -> fx.Node:
 def _rewrite(node: fx.Node, operand, graph: fx.Graph, rule: str) -> fx.Node:
     target = node.target
 
-    def args_with(*replaced):
-        return tuple(replaced)
-
     def emit_(t, *args, **kwargs):
         return emit(graph, t, args, kwargs, origin=node, rule=rule)
 
@@ -222,8 +219,8 @@ def _rewrite(node: fx.Node, operand, graph: fx.Graph, rule: str) -> fx.Node:
         x = operand(node.args[0], node)
         dim = node.args[1]
         new_dim = [BC1S.dim(d) for d in dim] if isinstance(dim, list | tuple) else BC1S.dim(dim)
-        if target in TUPLE_OPS:
-            return emit_(target, x, dim if False else node.args[1], BC1S.dim(node.args[2] if len(node.args) > 2 else 0))
+        if target in TUPLE_OPS:  # split(x, sizes, dim): the sizes stay, the dim moves
+            return emit_(target, x, node.args[1], BC1S.dim(node.args[2] if len(node.args) > 2 else 0))
         return emit_(target, x, new_dim, *node.args[2:], **node.kwargs)
     kwargs = {k: v for k, v in node.kwargs.items() if k != "memory_format"}
     return emit_(target, *[operand(a, node) for a in node.args], **kwargs)
