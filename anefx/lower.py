@@ -51,7 +51,7 @@ def lower(ep: ExportedProgram, *, input_names: list[str], output_names: list[str
     outputs = [ct.TensorType(name=name) for name in output_names]
     load = _can_run_coreml() if load is None else load
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), _lean_fp16_checks():
             warnings.simplefilter("ignore")
             return ct.convert(
                 ep, convert_to="mlprogram", inputs=inputs, outputs=outputs,
@@ -61,6 +61,49 @@ def lower(ep: ExportedProgram, *, input_names: list[str], output_names: list[str
                 skip_model_load=not load)
     except Exception as exc:  # noqa: BLE001 - re-raised with the op and what to do
         raise LoweringError(lowering_message(exc, ep)) from exc
+
+
+_CHUNK = 1 << 20  # elements per block when scanning a weight
+
+
+@contextlib.contextmanager
+def _lean_fp16_checks():
+    """coremltools' fp16 pass, with two of its checks computed without copying each weight.
+
+    `fp16_overflow` indexes every fp32 constant with `np.where` (int64 index arrays: 24 bytes per
+    element of a 2-D weight, ~1.8 GB for a 32000×2048 embedding, and most of the pass's time), and
+    `_check_underflow_to_zero` copies each constant with `flatten()` only to learn that it has ≥ 400
+    elements. Same answers, in bounded memory; restored when the conversion ends."""
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision as Pass
+
+    overflow, underflow = Pass.__dict__["fp16_overflow"], Pass.__dict__["_check_underflow_to_zero"]
+    Pass.fp16_overflow = staticmethod(_fp16_overflow)
+    Pass._check_underflow_to_zero = lambda self, new_var, var: (
+        None if var.val is not None and np.size(var.val) >= 400 else underflow(self, new_var, var))
+    try:
+        yield
+    finally:
+        Pass.fp16_overflow, Pass._check_underflow_to_zero = overflow, underflow
+
+
+def _fp16_overflow(op) -> bool:
+    """Whether an fp32 constant input of `op` holds a finite value fp16 cannot represent: some
+    65504 < |v| < 1e38 (|v| ≥ 1e38 stands for infinity and may overflow), as coremltools decides."""
+    for inputs in op.inputs.values():
+        for var in inputs if isinstance(inputs, list | tuple) else [inputs]:
+            if (var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32")
+                    and _exceeds_fp16(var.op.val.val)):
+                return True
+    return False
+
+
+def _exceeds_fp16(value: Any) -> bool:
+    flat = np.ravel(value, order="K")  # a view for any contiguous layout, transposed ones included
+    for start in range(0, flat.size, _CHUNK):
+        block = np.abs(flat[start:start + _CHUNK])
+        if np.any((block > 65504) & (block < 1e38)):
+            return True
+    return False
 
 
 def _user_placeholders(ep: ExportedProgram, names: list[str]):
