@@ -165,8 +165,9 @@ def _shortest(chain: list[fx.Node], source: fx.Node) -> list[tuple] | None:
             return []
         view = aten.view.default if source.meta["val"].is_contiguous() else aten.reshape.default
         return _unit_axes_plan(src_shape, out_shape) or [(view, list(out_shape))]
+    head = flat[:64]
     matching = [perm for perm in itertools.permutations(range(len(src_shape)))
-                if torch.equal(index.permute(perm).reshape(-1)[:64], flat[:64])
+                if torch.equal(_leading(index, perm, len(head)), head)  # cheap: no copy of the tensor
                 and torch.equal(index.permute(perm).reshape(-1), flat)]
     for perm in sorted(matching, key=lambda p: tuple(index.permute(p).shape) != out_shape):
         plan = [(aten.permute.default, list(perm))]  # one permute if some order gives the shape
@@ -174,6 +175,18 @@ def _shortest(chain: list[fx.Node], source: fx.Node) -> list[tuple] | None:
             plan.append((aten.reshape.default, list(out_shape)))
         return plan
     return None
+
+
+def _leading(index: torch.Tensor, perm: tuple[int, ...], count: int) -> torch.Tensor:
+    """The first `count` elements of index.permute(perm) in row-major order, without materialising it."""
+    shape = [index.shape[p] for p in perm]
+    strides = [index.stride(p) for p in perm]
+    positions = torch.arange(count)
+    offsets = torch.zeros(count, dtype=torch.long)
+    for size, stride in zip(reversed(shape), reversed(strides), strict=True):
+        offsets += (positions % size) * stride
+        positions = positions // size
+    return index.reshape(-1)[offsets]
 
 
 def counted_layout_ops(graph: fx.Graph) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import warnings
@@ -51,39 +52,54 @@ def lower(ep: ExportedProgram, *, input_names: list[str], output_names: list[str
     outputs = [ct.TensorType(name=name) for name in output_names]
     load = _can_run_coreml() if load is None else load
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), _lean_fp16_checks():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             return ct.convert(
                 ep, convert_to="mlprogram", inputs=inputs, outputs=outputs,
                 minimum_deployment_target=getattr(ct.target, deployment_target),
                 compute_units=getattr(ct.ComputeUnit, compute_units),
                 compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
-                skip_model_load=not load)
+                pass_pipeline=_pass_pipeline(ct, precision), skip_model_load=not load)
     except Exception as exc:  # noqa: BLE001 - re-raised with the op and what to do
         raise LoweringError(lowering_message(exc, ep)) from exc
 
 
 _CHUNK = 1 << 20  # elements per block when scanning a weight
+FP16_PASS = "anefx::lean_fp16_cast"
 
 
-@contextlib.contextmanager
-def _lean_fp16_checks():
-    """coremltools' fp16 pass, with two of its checks computed without copying each weight.
+def _pass_pipeline(ct, precision: str):
+    """coremltools' default pipeline, its fp16 pass swapped for anefx's lean one (same casts).
 
-    `fp16_overflow` indexes every fp32 constant with `np.where` (int64 index arrays: 24 bytes per
-    element of a 2-D weight, ~1.8 GB for a 32000×2048 embedding, and most of the pass's time), and
-    `_check_underflow_to_zero` copies each constant with `flatten()` only to learn that it has ≥ 400
-    elements. Same answers, in bounded memory; restored when the conversion ends."""
-    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision as Pass
+    coremltools' `add_fp16_cast` indexes every fp32 constant with `np.where` to look for fp16
+    overflow (int64 index arrays: 24 bytes per weight element, ~1.5 GB for a 32000×2048 embedding —
+    the peak of a plain 1.1B conversion) and copies each constant with `flatten()` only to count its
+    elements. The registered subclass computes the same answers in bounded memory."""
+    pipeline = ct.PassPipeline.DEFAULT
+    if precision == "fp16":
+        _register_lean_fp16_pass()
+        names = list(pipeline.passes)
+        index = names.index("common::add_fp16_cast")
+        pipeline.remove_passes(["common::add_fp16_cast"])
+        pipeline.insert_pass(index, FP16_PASS)
+    return pipeline
 
-    overflow, underflow = Pass.__dict__["fp16_overflow"], Pass.__dict__["_check_underflow_to_zero"]
-    Pass.fp16_overflow = staticmethod(_fp16_overflow)
-    Pass._check_underflow_to_zero = lambda self, new_var, var: (
-        None if var.val is not None and np.size(var.val) >= 400 else underflow(self, new_var, var))
-    try:
-        yield
-    finally:
-        Pass.fp16_overflow, Pass._check_underflow_to_zero = overflow, underflow
+
+@functools.cache
+def _register_lean_fp16_pass() -> None:
+    from coremltools.converters.mil.mil.passes.defs.quantization import add_fp16_cast
+    from coremltools.converters.mil.mil.passes.pass_registry import register_pass
+
+    @register_pass(namespace="anefx")
+    class lean_fp16_cast(add_fp16_cast):  # noqa: N801 - coremltools names passes in snake case
+        @staticmethod
+        def fp16_overflow(op) -> bool:
+            return _fp16_overflow(op)
+
+        def _check_underflow_to_zero(self, new_var, var):
+            if var.val is not None and np.size(var.val) >= 400:  # coremltools skips these too
+                return None
+            return super()._check_underflow_to_zero(new_var, var)
 
 
 def _fp16_overflow(op) -> bool:
