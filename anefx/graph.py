@@ -199,8 +199,3 @@ def op_name(node: fx.Node) -> str:
         ns = target.namespace
         return f"{ns}.{target._schema.name.split('::')[-1]}" if ns != "aten" else target._schema.name.split("::")[-1]
     return name
-
-
-def users_outside(nodes: Iterable[fx.Node], keep: fx.Node) -> bool:
-    inside = set(nodes)
-    return any(u not in inside for n in inside if n is not keep for u in n.users)
