@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import Counter
-from collections.abc import Iterable
 from typing import Any
 
 import torch
