@@ -196,25 +196,7 @@ def inference_graph(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
             graph.erase_node(node)
-        elif node.op == "call_function" and node.target in _SDPA and node.kwargs.get("enable_gqa"):
-            _repeat_kv_heads(graph, node)
-    return fx.GraphModule(gm, graph)
-
-
-_SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
-
-
-def _repeat_kv_heads(graph: fx.Graph, node: fx.Node) -> None:
-    """SDPA(enable_gqa=True) → SDPA on k/v heads repeated to the query's head count. HF uses GQA in
-    SDPA when dynamo lets it skip the mask; coremltools has no lowering for it."""
-    query, key, value = node.args[:3]
-    heads = query.meta["example_value"].shape[-3]
-    kv_heads = key.meta["example_value"].shape[-3]
-    with graph.inserting_before(node):
-        key, value = (graph.call_function(torch.repeat_interleave, (t, int(heads) // int(kv_heads)),
-                                          {"dim": -3}) for t in (key, value))
-    node.args = (query, key, value, *node.args[3:])
-    node.kwargs = {k: v for k, v in node.kwargs.items() if k != "enable_gqa"}
+    return fx.GraphModule(gm, graph)  # SDPA's enable_gqa is handled by anefx.legalize after capture
 
 
 def _notice_once() -> None:
