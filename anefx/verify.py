@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from anefx.capture import default_kwargs
 from anefx.errors import InvalidExampleError
 
 
@@ -23,9 +24,7 @@ def verify_package(path: str | Path, model: torch.nn.Module, args: tuple, kwargs
 
     runner = load_mlpackage(path, precision=precision)
     feed = _feed(model, args, kwargs, runner.input_names)
-    call_kwargs = dict(kwargs)
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        call_kwargs.setdefault("use_cache", False)  # as anefx.compile captured it
+    call_kwargs = default_kwargs(model, kwargs, [])  # as anefx.compile captured it (use_cache=False)
     with torch.no_grad():
         expected = [t for t in pytree.tree_leaves(model.eval()(*args, **call_kwargs)) if isinstance(t, torch.Tensor)]
     actual = runner(**feed)

@@ -17,9 +17,7 @@ warnings.filterwarnings("ignore")
 
 def figures(compiled, folder: Path) -> dict:
     from anefx.mil import read_program
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.helpers import ane_summary
+    from anefx.mil.summary import ane_summary
 
     s = ane_summary(read_program(compiled.save(folder / "m.mlpackage")))
     return {"layout": s["layout_ops"], "softmax": sum(s["softmax_shapes"].values()),

@@ -38,7 +38,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from anefx.graph import constant_value, emit, is_constant, shape
+from anefx.graph import add_constant, constant_value, emit, is_constant, shape
 from anefx.layout import BC1S, HEAD, simplify_layout_chains, to_physical
 from anefx.rule import Context, Match, Pattern, Rule
 
@@ -255,8 +255,6 @@ class _Heads:
         if mask is not None:
             found = self._mask_physical(mask, heads)
         if is_causal:
-            from anefx.graph import add_constant
-
             allowed = torch.ones(sq, sk, dtype=torch.bool).tril()
             causal = torch.zeros(sq, sk).masked_fill(~allowed, float("-inf")).t().reshape(1, sk, 1, sq)
             dtype = self.origin.meta["val"].dtype
@@ -270,8 +268,6 @@ class _Heads:
         per_head = len(dims) == 4 and dims[1] == heads and heads > 1
         dtype = self.origin.meta["val"].dtype
         if value is not None:  # a constant (e.g. HF's folded causal mask): precompute its layout
-            from anefx.graph import add_constant
-
             full = value.reshape((1,) * (4 - value.dim()) + tuple(value.shape))
             if full.dtype == torch.bool:
                 full = torch.zeros(full.shape, dtype=dtype).masked_fill(~full, float("-inf"))
@@ -283,7 +279,7 @@ class _Heads:
         if len(dims) < 4:
             mask = self.op(aten.view.default, mask, [1] * (4 - len(dims)) + list(dims))
         if mask.meta["val"].dtype == torch.bool:  # keep → 0, drop → -inf (where, not masked_fill on
-            from anefx.graph import add_constant  # zeros_like: coremltools drops zeros_like's dtype)
+            # zeros_like: coremltools drops zeros_like's dtype)
 
             zero = add_constant(self.ctx.ep, "mask_keep", torch.zeros((), dtype=dtype))
             drop = add_constant(self.ctx.ep, "mask_drop", torch.full((), float("-inf"), dtype=dtype))

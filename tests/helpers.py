@@ -9,6 +9,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from anefx.graph import op_histogram
+from anefx.mil.summary import ane_summary, const_arg  # noqa: F401 - re-exported for the tests
 from anefx.mlpackage import OpRecord, program_ops
 
 
@@ -66,34 +67,3 @@ def program(compiled, tmp_path: Path):
     from anefx.mil import read_program
 
     return read_program(compiled.save(tmp_path / "model.mlpackage"))
-
-
-def const_arg(prog, op, name):
-    """The constant value bound to argument `name` of a MIL operation (None when absent)."""
-    import numpy as np
-
-    from anefx.mil.reader import Literal
-
-    bound = op.inputs.get(name)
-    if not bound:
-        return None
-    value = bound[0].value if isinstance(bound[0], Literal) else prog.constants[bound[0]]
-    return np.asarray(value).tolist()
-
-
-def ane_summary(prog) -> dict:
-    """The figures the layout issue asks for, from a program read back from disk."""
-    ops = [op for op in prog.operations if op.type != "const"]
-    types = Counter(op.type for op in ops)
-    shapes = [tuple(t.shape) for op in ops for _, t in op.outputs if t is not None and t.shape is not None]
-    softmax = [op for op in ops if op.type == "softmax"]
-    norms = [op for op in ops if op.type == "layer_norm"]
-    return {
-        "types": types,
-        "layout_ops": types["transpose"] + types["reshape"],
-        "max_rank": max(len(s) for s in shapes),
-        "largest_dim": max(max(s) for s in shapes if s),
-        "softmax_shapes": Counter(tuple(op.outputs[0][1].shape) for op in softmax),
-        "softmax_axes": Counter(const_arg(prog, op, "axis") for op in softmax),
-        "norm_axes": Counter(tuple(const_arg(prog, op, "axes")) for op in norms),
-    }
