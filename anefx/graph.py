@@ -151,12 +151,45 @@ def sync_output_specs(ep: ExportedProgram) -> None:
 def finish(ep: ExportedProgram) -> None:
     """Remove dead code, re-sync the signature, recompile and validate the program."""
     gm = ep.graph_module
+    topological_order(gm.graph)
     gm.graph.eliminate_dead_code()
     drop_unused_constants(ep)
     gm.graph.lint()
     gm.recompile()
     sync_output_specs(ep)
     ep.validate()
+
+
+def topological_order(graph: fx.Graph) -> bool:
+    """Put every node after the nodes it reads, keeping the present order wherever it is already valid
+    (a stable Kahn sort; node objects and names are kept). Returns whether anything moved.
+
+    Rules insert each replacement before the node it replaces; when matches are chained or adjacent a
+    replacement can end up ahead of a value it reads, and the engine, not each rule, restores order."""
+    import heapq
+
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    if all(position[a] < position[n] for n in nodes for a in n.all_input_nodes):
+        return False
+    pending = {n: len(set(n.all_input_nodes)) for n in nodes}
+    ready = [(position[n], n) for n in nodes if pending[n] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, node = heapq.heappop(ready)
+        order.append(node)
+        for user in node.users:
+            pending[user] -= 1
+            if pending[user] == 0:
+                heapq.heappush(ready, (position[user], user))
+    if len(order) != len(nodes):
+        raise RuntimeError("the graph has a cycle: a rewrite made a value depend on itself")
+    output = graph.output_node()
+    for node in order:
+        if node is not output:
+            output.prepend(node)
+    return True
 
 
 def drop_unused_constants(ep: ExportedProgram) -> None:

@@ -231,10 +231,13 @@ def apply_rule(rule: Rule, ep: ExportedProgram) -> RuleResult:
     trace_all(rule.patterns())
     if rule.run is not None:
         result.matches, result.refusals = rule.run(ctx)
+    replaced: dict[fx.Node, fx.Node] = {}  # the output of each match already rewritten → its replacement
     for pattern in rule.patterns():
         for match in find_matches(pattern, ep.graph_module.graph):
             if any(n.graph is not ctx.graph or _erased(n) for n in match.nodes):
                 continue
+            # a match found before an earlier one was rewritten may read that match's old output
+            match.inputs = [_current(i, replaced) for i in match.inputs]
             reason = rule.check(match, ctx)
             if reason is not None:
                 if (match.output.name, reason) not in seen_refusals:
@@ -244,6 +247,7 @@ def apply_rule(rule: Rule, ep: ExportedProgram) -> RuleResult:
             with ctx.graph.inserting_before(match.output):
                 new = rule.replace(match, ctx)
             match.output.replace_all_uses_with(new)
+            replaced[match.output] = new
             _erase_matched(match)
             result.matches += 1
     if rule.after is not None and result.matches:
@@ -268,6 +272,12 @@ def find_matches(pattern: Pattern, graph: fx.Graph) -> list[Match]:
                              output=m.returning_nodes[0], nodes=list(by_pattern.values()),
                              _by_pattern=by_pattern))
     return matches
+
+
+def _current(node: Any, replaced: dict[fx.Node, fx.Node]) -> Any:
+    while isinstance(node, fx.Node) and node in replaced:
+        node = replaced[node]
+    return node
 
 
 def _erased(node: fx.Node) -> bool:

@@ -163,3 +163,16 @@ def test_verify_reports_errors_of_the_lowered_program(block):
     assert 1e-5 < fp16.max_rel < 1e-2 and fp16.psnr_db > 60  # emulated fp16: small but real error
     other = torch.randn(1, 8, 16) * 3
     assert c.verify(other)["output"].max_rel <= 1e-4  # on new inputs too
+
+
+def test_a_projection_feeding_a_projection_is_rewritten_as_two_convolutions():
+    """Regression: the second match read the first match's erased output ("used before it has been defined")."""
+    from rewrites import linear_to_conv1x1
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 8)).eval()
+    x = torch.randn(1, 8, 16)
+    c = anefx.compile(model, (x,), rules=[linear_to_conv1x1.RULE], precision="fp32")
+    record = next(p for p in c.passes if p.name == "linear_to_conv1x1")
+    assert (record.status, record.matches) == ("applied", 3)
+    assert ops(c.rewritten)["convolution"] == 3 and ops(c.rewritten)["linear"] == 0
+    torch.testing.assert_close(c.rewritten.module()(x), model(x))
