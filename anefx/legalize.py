@@ -10,10 +10,14 @@
   split-head attention rule recognises and indexes instead of copying.
 - `__and__` / `__or__` on booleans (HF's padding-mask construction) become `logical_and` / `logical_or`,
   which coremltools lowers.
+- Empty tensors leave `aten.cat` (an empty KV cache's first update, `cat([empty, k], -2)`, as dynamo
+  records HF's DynamicCache): they add nothing, and a rank-1 empty tensor cannot be lowered or split
+  per head.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 
@@ -55,6 +59,8 @@ def legalize(ep: ExportedProgram) -> Counter:
         elif node.target in BOOLEAN and all(_is_bool(a) for a in node.args[:2]):
             node.target = BOOLEAN[node.target]
             done["logical"] += 1
+        elif node.target is aten.cat.default and _drop_empty(node):
+            done["empty_cat"] += 1
     done["folded"] = fold_constants(ep)
     finish(ep)
     return +done
@@ -67,6 +73,24 @@ BOOLEAN = {aten.__and__.Tensor: aten.logical_and.default, aten.__or__.Tensor: at
 def _is_bool(arg) -> bool:
     return isinstance(arg, fx.Node) and isinstance(arg.meta.get("val"), torch.Tensor) \
         and arg.meta["val"].dtype == torch.bool
+
+
+def _drop_empty(cat: fx.Node) -> bool:
+    """Take the inputs with no elements out of a cat (when that leaves the result's dtype as it is); a cat
+    left with one input becomes that input, unless the program returns it (an output stays its own node)."""
+    parts = cat.args[0]
+    kept = [p for p in parts if not (isinstance(p, fx.Node) and isinstance(p.meta.get("val"), torch.Tensor)
+                                     and p.meta["val"].numel() == 0)]
+    if len(kept) == len(parts) or not kept or not all(isinstance(p, fx.Node) for p in kept):
+        return False
+    if functools.reduce(torch.promote_types, (p.meta["val"].dtype for p in kept)) != cat.meta["val"].dtype:
+        return False
+    if len(kept) == 1 and all(u.op != "output" for u in cat.users):
+        cat.replace_all_uses_with(kept[0])
+        cat.graph.erase_node(cat)
+    else:
+        cat.args = (kept, *cat.args[1:])
+    return True
 
 
 def _repeat_kv(node: fx.Node) -> None:

@@ -201,7 +201,7 @@ class _Heads:
         if node.target in IDENTITY:
             return self.head(node.args[0], h)
         if node.target is aten.cat.default:
-            parts = [self.head(p, h) for p in node.args[0]]
+            parts = [self._operand(p, h) for p in node.args[0]]  # a constant part (a K/V prefix): its head h
             return self.op(aten.cat.default, parts, HEAD.dim(node.args[1] if len(node.args) > 1 else 0))
         if node.target is aten.slice.Tensor:
             dim = HEAD.dim(node.args[1] if len(node.args) > 1 else 0)
