@@ -16,8 +16,8 @@ import torch
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
-from anefx.errors import AnefxError, RuleError
-from anefx.graph import op_histogram, snapshot
+from anefx.errors import AnefxError, RuleError, failing_node, short_reason, write_debug_graph
+from anefx.graph import module_path, op_histogram, snapshot
 from anefx.legalize import legalize
 from anefx.rule import Refusal, Rule, apply_rule
 
@@ -103,10 +103,15 @@ def _apply(rule: Rule, ep: ExportedProgram, before: list[str]) -> PassRecord:
         result = apply_rule(rule, ep)
     except AnefxError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a rule bug: name the rule and what ran before it
-        raise RuleError(f"rule {rule.name} failed ({type(exc).__name__}: {exc}); stages before it: "
-                        f"{', '.join(before)}. Compile without it: rules=[r for r in anefx.default_rules() "
-                        f"if r.name != {rule.name!r}], and report the model to anefx.") from exc
+    except Exception as exc:  # noqa: BLE001 - a rule bug: name the rule, where, and what ran before it
+        node = failing_node(exc)
+        where = "" if node is None else f"It failed at {module_path(node) or 'the top level'} (node {node.name}). "
+        path = write_debug_graph(f"rule-{rule.name}", ep, exc, f"rule {rule.name} failed. {where}")
+        saved = f"The program and the traceback: {path}. " if path else ""
+        raise RuleError(f"rule {rule.name} failed ({short_reason(exc)}); stages before it: {', '.join(before)}. "
+                        f"{where}{saved}Compile without it: rules=[r for r in anefx.default_rules() "
+                        f"if r.name != {rule.name!r}], and report the model to anefx."
+                        ) from exc
     status = "applied" if result.matches else "no-match"
     return PassRecord(rule.name, result.matches, result.refusals, result.op_delta, result.ms, status)
 
