@@ -43,7 +43,7 @@ def compile(model: torch.nn.Module, example_args: Any, example_kwargs: dict | No
                  "attention": attention},
         notes=cap.notes, _out_spec=pytree.tree_structure(cap.reference),
         _output_dtypes=[t.dtype for t in pytree.tree_leaves(cap.reference)],
-        _example=(cap.args, {k: v for k, v in cap.kwargs.items() if isinstance(v, torch.Tensor)}))
+        _example=(cap.args, cap.kwargs), _binding=cap.binding)
 
 
 def resolve_rules(rules: Sequence[Rule | str] | None, compute_units: str,

@@ -15,9 +15,18 @@ import torch
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
+from anefx.binding import (
+    CONSTANT_TYPES,
+    InputBinding,
+    canonical,
+    check_representable,
+    forward_signature,
+    positional_names,
+    split_constants,
+)
 from anefx.errors import CaptureError, InvalidExampleError, InvalidModelError
 
-_CONSTANT_KWARG_TYPES = (bool, int, float, str, type(None))
+_CONSTANT_KWARG_TYPES = CONSTANT_TYPES
 _LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)),
                  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rewrites"))
 
@@ -31,6 +40,7 @@ class Captured:
     input_names: list[str]
     output_names: list[str]
     notes: list[str]
+    binding: InputBinding | None = None
 
 
 def check_inputs(model: Any, example_args: Any, example_kwargs: Any) -> tuple[tuple, dict]:
@@ -46,6 +56,10 @@ def check_inputs(model: Any, example_args: Any, example_kwargs: Any) -> tuple[tu
         raise InvalidExampleError(
             f"example_args must be a tuple of tensors, got {type(example_args).__name__}; "
             "pass e.g. (torch.randn(1, 32, 64),).")
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise InvalidExampleError(
+            f"example_kwargs must be a dict of keyword arguments, got {type(example_kwargs).__name__}; "
+            "pass e.g. {'attention_mask': mask}.")
     example_kwargs = dict(example_kwargs or {})
     for path, leaf in pytree.tree_flatten_with_path(example_args)[0]:
         if not isinstance(leaf, torch.Tensor):
@@ -79,6 +93,7 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict) -> ExportedProgram
         with torch.no_grad():
             ep = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001 - re-raised as an actionable error
+        check_outputs(run_eager(model, args, kwargs))  # a model that fails on the example says so first
         raise CaptureError(capture_message(exc)) from exc
     with warnings.catch_warnings():  # torch's own pytree deprecation noise
         warnings.simplefilter("ignore", FutureWarning)
@@ -206,25 +221,101 @@ def _unique(name: str, taken: list[str]) -> str:
 
 
 def capture(model: torch.nn.Module, example_args: Any, example_kwargs: Any) -> Captured:
+    """Export the model on the example, bound to forward's parameters by name. The model is left exactly
+    as it was: export works on fake copies of its state, a forward that updates its own buffers or its
+    inputs in place is refused, and the one eager run (the reference) is undone if it changed a buffer."""
     args, kwargs = check_inputs(model, example_args, example_kwargs)
     notes: list[str] = []
     kwargs = default_kwargs(model, kwargs, notes)
+    signature = forward_signature(model)
+    by_position = positional_names(signature, args)
+    args, kwargs = canonical(signature, args, kwargs, by_position)
+    _check_leaves(args, kwargs, by_position)
     was_training = model.training
     model.eval()
     try:
-        reference = run_eager(model, args, kwargs)
-        for path, leaf in pytree.tree_flatten_with_path(reference)[0]:
-            if not isinstance(leaf, torch.Tensor):
-                raise CaptureError(
-                    f"the model's output{pytree.keystr(path)} is a {type(leaf).__name__}, not a tensor. "
-                    "Return only tensors (or tuples/dicts of them), or pass a keyword that turns it off.")
-        ep = export(model, args, kwargs)
+        with preserved_state(model):
+            ep = export(model, args, kwargs)
+            refuse_mutation(ep)
+            reference = run_eager(model, args, kwargs)
     finally:
         model.train(was_training)
+    check_outputs(reference)
     placeholders = {n.name: n for n in ep.graph_module.graph.nodes if n.op == "placeholder"}
     input_names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"
                    and isinstance(placeholders[s.arg.name].meta.get("val"), torch.Tensor)]
-    return Captured(ep, args, kwargs, reference, input_names, output_names(reference), notes)
+    binding = InputBinding.of(signature, args, kwargs, input_names, by_position)
+    binding.implied = frozenset(k for k in kwargs if k not in (example_kwargs or {}))
+    if len(binding.paths) != len(input_names):
+        raise CaptureError(f"the example has {len(binding.paths)} tensors but the captured program takes "
+                           f"{len(input_names)}; pass each tensor input once (an input passed twice, or a "
+                           "tensor the model ignores, is not supported).")
+    tensors, _ = split_constants(kwargs)
+    return Captured(ep, args, tensors, reference, input_names, output_names(reference), notes, binding)
+
+
+def check_outputs(reference: Any) -> None:
+    for path, leaf in pytree.tree_flatten_with_path(reference)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            raise CaptureError(
+                f"the model's output{pytree.keystr(path)} is a {type(leaf).__name__}, not a tensor. "
+                "Return only tensors (or tuples/dicts of them), or pass a keyword that turns it off.")
+
+
+def _check_leaves(args: tuple, kwargs: dict, names: tuple[str, ...]) -> None:
+    for path, leaf in pytree.tree_flatten_with_path(args)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            raise InvalidExampleError(
+                f"example_args{pytree.keystr(path)} is a {type(leaf).__name__}, not a tensor; pass flags and "
+                "other constants by name (example_kwargs), and tensors positionally or by name.")
+    for path, leaf in pytree.tree_flatten_with_path(kwargs)[0]:
+        if isinstance(leaf, torch.Tensor):
+            check_representable(pytree.keystr(path).strip("[]'"), leaf)
+    for path, leaf in pytree.tree_flatten_with_path(args)[0]:
+        index = path[0].idx
+        name = names[index] if index < len(names) else f"args[{index}]"
+        check_representable(name + pytree.keystr(path[1:]), leaf)
+
+
+class preserved_state:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Puts back every buffer of `model` that changed inside the block (compile must not modify the
+    user's model). Buffers are copied first (they are small); parameters are only watched: one changed
+    in place is an error, since there is no copy to restore it from."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __enter__(self) -> preserved_state:
+        self.buffers = {name: (b, b._version, b.detach().clone()) for name, b in self.model.named_buffers()}
+        self.params = {name: (p, p._version) for name, p in self.model.named_parameters()}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with torch.no_grad():
+            for tensor, version, saved in self.buffers.values():
+                if tensor._version != version:
+                    tensor.copy_(saved)
+        changed = [name for name, (p, version) in self.params.items() if p._version != version]
+        if changed and exc[0] is None:
+            raise CaptureError(f"the model's forward changed parameter(s) {', '.join(changed)} in place; "
+                               "anefx compiles what forward computes and cannot undo that. Move the update "
+                               "out of forward.")
+
+
+def refuse_mutation(ep: ExportedProgram) -> None:
+    """A program that writes its buffers or inputs would be stateful: refused (named) before it runs."""
+    signature = ep.graph_signature
+    buffers = sorted(set(signature.buffers_to_mutate.values()))
+    inputs = sorted(set(signature.user_inputs_to_mutate.values()))
+    if buffers:
+        raise CaptureError(
+            f"the model's forward updates buffer(s) {', '.join(buffers)} in place (e.g. a call counter or a "
+            "running statistic); a CoreML program compiled from it would not carry that state between calls. "
+            "Move the update out of forward (or under `if self.training:`), or switch it off with a keyword.")
+    if inputs:
+        raise CaptureError(
+            f"the model's forward modifies its input(s) {', '.join(inputs)} in place; use an out-of-place "
+            "operation (e.g. `x = x + 1` instead of `x += 1`) so the program does not write to its inputs.")
 
 
 def is_macos() -> bool:

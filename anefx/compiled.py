@@ -13,6 +13,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
+from anefx.binding import InputBinding
 from anefx.errors import InvalidExampleError
 from anefx.pipeline import PassRecord
 
@@ -40,15 +41,24 @@ class CompiledModel:
     _out_spec: Any = None
     _example: tuple[tuple, dict] = ((), {})
     _output_dtypes: list[torch.dtype] = field(default_factory=list)
+    _binding: InputBinding | None = None
     _runners: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def save(self, path: str | Path) -> Path:
-        """Write the .mlpackage (the suffix is added when missing)."""
-        path = Path(path)
-        if path.suffix != ".mlpackage":
-            path = path.with_suffix(".mlpackage")
-        self.mlmodel.save(str(path))
-        return path
+        """Write the .mlpackage (the suffix is added when missing), atomically: a package already there is
+        replaced only once the new one is complete, anything else there is refused (FileWriteError).
+        The package records anefx's version, the input/output names and the weights' fingerprint."""
+        from anefx.files import atomic_package_write, package_path
+        from anefx.mlpackage import anefx_metadata, stamp_metadata
+
+        metadata = anefx_metadata(self.exported, self.input_names, self.output_names,
+                                  self.options.get("precision", "fp16"))
+
+        def write(staged: Path) -> None:
+            self.mlmodel.save(str(staged))
+            stamp_metadata(staged, metadata)
+
+        return atomic_package_write(package_path(path), write)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the lowered program: CoreML on macOS; elsewhere anefx's MIL interpreter runs the saved
@@ -83,6 +93,10 @@ class CompiledModel:
         return {name: compare(actual[name], ref) for name, ref in zip(self.output_names, expected, strict=True)}
 
     def _feed(self, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
+        """The call's tensors by input name: bound to the model's forward by name (see anefx.binding)."""
+        if self._binding is not None:
+            tensors = self._binding.tensors(args, kwargs)
+            return {name: _to_numpy(t) for name, t in zip(self.input_names, tensors, strict=True)}
         flat = pytree.tree_leaves((args, {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}))
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         if len(tensors) != len(self.input_names):
@@ -118,6 +132,8 @@ class CompiledModel:
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.int64:
         return t.to(torch.int32).numpy()
+    if t.dtype == torch.float64:
+        return t.detach().cpu().float().numpy()
     return t.detach().cpu().numpy()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import io
 import logging
@@ -48,9 +49,11 @@ def lower(ep: ExportedProgram, *, input_names: list[str], output_names: list[str
     ct = _quiet_coremltools()
     from anefx import ops  # noqa: F401 - registers the converters of anefx's custom ops
 
+    ep = distinct_outputs(ep)
     inputs = [_input_type(ct, name, node) for name, node in _user_placeholders(ep, input_names)]
     outputs = [ct.TensorType(name=name) for name in output_names]
     load = _can_run_coreml() if load is None else load
+    token = _OUTPUT_NAMES.set(list(output_names))
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -62,10 +65,78 @@ def lower(ep: ExportedProgram, *, input_names: list[str], output_names: list[str
                 pass_pipeline=_pass_pipeline(ct, precision), skip_model_load=not load)
     except Exception as exc:  # noqa: BLE001 - re-raised with the op and what to do
         raise LoweringError(lowering_message(exc, ep)) from exc
+    finally:
+        _OUTPUT_NAMES.reset(token)
+
+
+def distinct_outputs(ep: ExportedProgram) -> ExportedProgram:
+    """A program whose outputs are no inputs: an input returned as an output gets a copy
+    (`anefx::output_copy`, a MIL identity), since coremltools would rename the input itself. Repeated
+    outputs are kept apart by the `anefx::distinct_outputs` pass: one package output per name."""
+    outputs = list(ep.graph_module.graph.output_node().args[0])
+    if not any(isinstance(n, torch.fx.Node) and n.op == "placeholder" for n in outputs):
+        return ep
+    from anefx.graph import finish, snapshot
+
+    ep = snapshot(ep)
+    graph = ep.graph_module.graph
+    output = graph.output_node()
+    outputs = list(output.args[0])
+    for i, node in enumerate(outputs):
+        if isinstance(node, torch.fx.Node) and node.op == "placeholder":
+            with graph.inserting_before(output):
+                outputs[i] = graph.call_function(torch.ops.anefx.output_copy.default, (node,))
+            outputs[i].meta["val"] = node.meta.get("val")
+    output.args = (tuple(outputs),)
+    finish(ep)
+    return ep
+
+
+_OUTPUT_NAMES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("anefx_output_names",
+                                                                                 default=None)
+OUTPUTS_PASS = "anefx::distinct_outputs"
+
+
+@functools.cache
+def _register_outputs_pass() -> None:
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.converters.mil.mil.passes.pass_registry import register_pass
+
+    @register_pass(namespace="anefx")
+    class distinct_outputs(AbstractGraphPass):  # noqa: N801 - coremltools names passes in snake case
+        """Give each output of `main` its own variable, named as the user's output (coremltools' cleanup
+        passes fold a copied output back into the value it copies, and one variable has one name)."""
+
+        def apply(self, prog):
+            names = _OUTPUT_NAMES.get()
+            func = prog.functions.get("main")
+            if names is None or func is None or len(names) != len(func.outputs):
+                return
+            outputs, seen = list(func.outputs), set()
+            for i, var in enumerate(outputs):
+                if id(var) in seen:
+                    with func, mb.scope(*_scopes_of(var)):
+                        outputs[i] = mb.identity(x=var, name=names[i])
+                seen.add(id(var))
+            if len(seen) != len(outputs) or outputs != list(func.outputs):
+                for var, name in zip(outputs, names, strict=True):
+                    var.name = name
+                func.set_outputs(outputs)
 
 
 _CHUNK = 1 << 20  # elements per block when scanning a weight
 FP16_PASS = "anefx::lean_fp16_cast"
+
+
+def _scopes_of(var) -> list:
+    """The scope of the op that made `var` (coremltools checks that every op of an exported program
+    has one)."""
+    from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
+
+    scopes = var.op.scopes if var.op is not None else {}
+    return [ScopeInfo(source=source, data=list(scopes.get(source) or [var.name]))
+            for source in (ScopeSource.EXIR_STACK_TRACE, ScopeSource.EXIR_DEBUG_HANDLE)]
 
 
 def _pass_pipeline(ct, precision: str):
@@ -76,6 +147,8 @@ def _pass_pipeline(ct, precision: str):
     the peak of a plain 1.1B conversion) and copies each constant with `flatten()` only to count its
     elements. The registered subclass computes the same answers in bounded memory."""
     pipeline = ct.PassPipeline.DEFAULT
+    _register_outputs_pass()
+    pipeline.append_pass(OUTPUTS_PASS)
     if precision == "fp16":
         _register_lean_fp16_pass()
         names = list(pipeline.passes)

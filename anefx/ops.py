@@ -3,6 +3,9 @@
 `anefx::layer_norm(x, axis, weight, bias, eps)` normalises over one axis of x and lowers to a single
 MIL `layer_norm(axes=[axis], gamma, beta)`; coremltools fuses a hand-written norm over a non-last
 axis only in one exact form, so the rules emit this op instead.
+
+`anefx::output_copy(x)` is a copy of x that lowers to a MIL `identity`. Lowering puts it on an input the
+model returns as an output: coremltools treats `clone` as no op and would rename the input itself.
 """
 
 from __future__ import annotations
@@ -24,6 +27,16 @@ def _(x, axis, weight, bias, eps):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("anefx::output_copy", mutates_args=())
+def output_copy(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@output_copy.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 def _register_converters() -> None:
     import logging
 
@@ -41,6 +54,11 @@ def _register_converters() -> None:
         if bias is not None:
             kwargs["beta"] = bias
         context.add(mb.layer_norm(**kwargs))
+
+    @register_torch_op(torch_alias=["anefx::output_copy"])
+    def anefx_output_copy(context, node):
+        (x,) = _get_inputs(context, node, expected=1)
+        context.add(mb.identity(x=x, name=node.name))
 
 
 _register_converters()
