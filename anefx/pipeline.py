@@ -20,6 +20,7 @@ from anefx.errors import AnefxError, RuleError, failing_node, short_reason, writ
 from anefx.graph import module_path, op_histogram, snapshot
 from anefx.legalize import legalize
 from anefx.rule import Refusal, Rule, apply_rule
+from anefx.samples import drawn_like
 
 log = logging.getLogger("anefx")
 
@@ -40,13 +41,16 @@ class PassRecord:
 
 @dataclass
 class Tolerance:
-    """Relative to the largest magnitude of each output: |a - b|max ≤ atol + rtol · |b|max.
+    """Elementwise: |a - b| ≤ atol · s + rtol · |b| for every element, where s = max(1, median |b|) of
+    that output. The scale is the output's typical magnitude, not its largest: one large element does
+    not widen the tolerance of all the others.
 
     For outputs in a low-precision dtype rtol is at least 4 ulps of that dtype (an exact rewrite that
     reorders fp16 arithmetic moves results by an ulp or two)."""
 
     rtol: float = 1e-4
     atol: float = 1e-5
+    extra_inputs: int = 2  # input sets drawn like the example (anefx.samples), besides the example
 
     def rtol_for(self, dtype: torch.dtype) -> float:
         return max(self.rtol, 4 * torch.finfo(dtype).eps)
@@ -63,7 +67,10 @@ def run_pipeline(ep: ExportedProgram, rules: Sequence[Rule], example: tuple[tupl
     current = snapshot(ep)
     say("legalize")
     record = _legalize(current)
-    outputs = _run(current, example)
+    inputs = [example, *drawn_like(ep, example, tolerance.extra_inputs)] if verify else [example]
+    outputs = [_run(current, x) for x in inputs]
+    if verify:
+        _check_legalize(ep, inputs, outputs, tolerance)
     snapshots.append(("legalize", current))
     records = [record]
     for rule in rules:
@@ -71,12 +78,10 @@ def run_pipeline(ep: ExportedProgram, rules: Sequence[Rule], example: tuple[tupl
         candidate = snapshot(current)
         record = _apply(rule, candidate, [name for name, _ in snapshots])
         if record.status == "applied" and verify:
-            new_outputs = _run(candidate, example)
-            record.max_error, ok = compare(new_outputs, outputs, tolerance)
-            if not ok:
+            new_outputs, failure = _verify(candidate, inputs, outputs, tolerance, record)
+            if failure:
                 record.status = "rolled-back"
-                record.detail = (f"outputs differ from the graph before the rule by {record.max_error:.3g} "
-                                 f"(relative), beyond rtol={tolerance.rtol}; rule not applied")
+                record.detail = f"{failure}; rule not applied"
                 log.warning("anefx: rule %s rolled back: %s", rule.name, record.detail)
             else:
                 outputs = new_outputs
@@ -85,6 +90,36 @@ def run_pipeline(ep: ExportedProgram, rules: Sequence[Rule], example: tuple[tupl
         records.append(record)
         snapshots.append((rule.name, current))
     return current, records, snapshots
+
+
+def _verify(candidate: ExportedProgram, inputs: list, expected: list, tolerance: Tolerance,
+            record: PassRecord) -> tuple[list, str]:
+    """The candidate's outputs on every input set, and '' or what differs from the stage before it."""
+    outputs, record.max_error = [], 0.0
+    for i, (x, before) in enumerate(zip(inputs, expected, strict=True)):
+        try:
+            after = _run(candidate, x)
+        except Exception as exc:  # noqa: BLE001 - a rewritten graph that no longer runs is a failed check
+            return outputs, f"the rewritten graph fails to run ({type(exc).__name__}: {short_reason(exc)})"
+        error, ok = compare(after, before, tolerance)
+        record.max_error = max(record.max_error, error)
+        if not ok:
+            which = "the example" if i == 0 else f"random input {i} drawn like the example (both signs, wider range)"
+            return outputs, (f"outputs differ from the graph before the rule on {which}: worst element off by "
+                             f"{error:.3g}× its tolerance (atol {tolerance.atol}·scale + rtol {tolerance.rtol}·|b|)")
+        outputs.append(after)
+    return outputs, ""
+
+
+def _check_legalize(captured: ExportedProgram, inputs: list, legalized: list,
+                    tolerance: Tolerance) -> None:
+    """legalize folds input-free subgraphs into constants: the program must compute what it captured."""
+    for x, after in zip(inputs, legalized, strict=True):
+        error, ok = compare(after, _run(captured, x), tolerance)
+        if not ok:
+            raise RuleError(f"legalize changed what the program computes (worst element off by {error:.3g} of its "
+                            "tolerance); this is an anefx bug: please report the model. Compile with verify=False "
+                            "to skip this check at your own risk.")
 
 
 def _legalize(ep: ExportedProgram) -> PassRecord:
@@ -155,21 +190,27 @@ def _upcast(tree):
 
 def compare(actual: list[torch.Tensor], expected: list[torch.Tensor],
             tolerance: Tolerance) -> tuple[float, bool]:
-    """Largest relative error over outputs and whether every output is within tolerance."""
+    """(worst ratio of an element's error to its tolerance, whether every element is within it).
+    Non-finite values must sit in the same places with the same values (NaN where NaN)."""
     worst, ok = 0.0, len(actual) == len(expected)
     for a, b in zip(actual, expected, strict=False):
         if a.shape != b.shape:
             return float("inf"), False
-        if not a.is_floating_point():
+        if not (a.is_floating_point() or a.is_complex()):
             ok = ok and bool(torch.equal(a, b))
             continue
         rtol = tolerance.rtol_for(b.dtype)
         a, b = a.double(), b.double()
         finite = torch.isfinite(b)
-        if not torch.equal(finite, torch.isfinite(a)):
+        if not torch.equal(finite, torch.isfinite(a)) or not torch.equal(a[~finite].nan_to_num(0.0),
+                                                                          b[~finite].nan_to_num(0.0)):
             return float("inf"), False
-        scale = b[finite].abs().max().item() if finite.any() else 0.0
-        err = (a[finite] - b[finite]).abs().max().item() if finite.any() else 0.0
-        worst = max(worst, err / max(scale, 1e-30))
-        ok = ok and err <= tolerance.atol + rtol * scale
+        if not finite.any():
+            continue
+        a, b = a[finite], b[finite]
+        scale = max(1.0, float(b.abs().median()))
+        allowed = tolerance.atol * scale + rtol * b.abs()
+        ratio = float(((a - b).abs() / allowed).max())
+        worst = max(worst, ratio)
+        ok = ok and ratio <= 1.0
     return worst, ok
