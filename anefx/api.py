@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,9 +11,11 @@ from torch.utils import _pytree as pytree
 
 from anefx.capture import capture
 from anefx.compiled import CompiledModel
-from anefx.errors import UnknownRuleError
+from anefx.errors import OptionError, UnknownRuleError
 from anefx.lower import NEURAL_ENGINE_UNITS, check_options, lower
+from anefx.package_check import CHECKS, report
 from anefx.pipeline import Tolerance, run_pipeline
+from anefx.progress import Progress, reporter
 from anefx.rule import Rule
 
 log = logging.getLogger("anefx")
@@ -22,25 +24,37 @@ log = logging.getLogger("anefx")
 def compile(model: torch.nn.Module, example_args: Any, example_kwargs: dict | None = None, *,
             compute_units: str = "CPU_AND_NE", deployment_target: str = "iOS18", precision: str = "fp16",
             rules: Sequence[Rule | str] | None = None, verify: bool = True,
-            attention: str = "split_heads",
-            progress: Callable[[str], None] | None = None) -> CompiledModel:
+            attention: str = "split_heads", package_check: str = "warn",
+            progress: Progress = None) -> CompiledModel:
     """Compile `model` for the example inputs into a CoreML ML program. See docs/api.md."""
     check_options(compute_units, deployment_target, precision, attention)
-    say = progress or (lambda msg: log.info(msg))
+    if package_check not in CHECKS:
+        raise OptionError(f"package_check={package_check!r} is not one of {', '.join(CHECKS)}.")
     chosen = resolve_rules(rules, compute_units, attention)
-    say("capture")
-    cap = capture(model, example_args, example_kwargs)
-    rewritten, records, snapshots = run_pipeline(
-        cap.exported, chosen, (cap.args, cap.kwargs), verify=verify, tolerance=Tolerance(), progress=say)
-    say("lower")
-    mlmodel = lower(rewritten, input_names=cap.input_names, output_names=cap.output_names,
-                    compute_units=compute_units, deployment_target=deployment_target, precision=precision)
+    with reporter(progress, "anefx.compile") as say:
+        say("capture")
+        cap = capture(model, example_args, example_kwargs)
+        rewritten, records, snapshots = run_pipeline(
+            cap.exported, chosen, (cap.args, cap.kwargs), verify=verify, tolerance=Tolerance(), progress=say)
+        say("lower")
+        mlmodel = lower(rewritten, input_names=cap.input_names, output_names=cap.output_names,
+                        compute_units=compute_units, deployment_target=deployment_target, precision=precision)
+        compiled = _compiled(cap, rewritten, mlmodel, records, snapshots, chosen,
+                             compute_units=compute_units, deployment_target=deployment_target, precision=precision,
+                             verify=verify, attention=attention, package_check=package_check)
+        if package_check != "skip":
+            say(f"check the package ({precision}, MIL interpreter)")
+            compiled.package_check = compiled.check_package()
+    if compiled.package_check is not None:
+        report(compiled.package_check, package_check)
+    return compiled
+
+
+def _compiled(cap, rewritten, mlmodel, records, snapshots, chosen, **options) -> CompiledModel:
     return CompiledModel(
         exported=cap.exported, rewritten=rewritten, mlmodel=mlmodel, passes=records, snapshots=snapshots,
         input_names=cap.input_names, output_names=cap.output_names,
-        options={"compute_units": compute_units, "deployment_target": deployment_target,
-                 "precision": precision, "rules": [r.name for r in chosen], "verify": verify,
-                 "attention": attention},
+        options={**options, "rules": [r.name for r in chosen]},
         notes=cap.notes, _out_spec=pytree.tree_structure(cap.reference),
         _output_dtypes=[t.dtype for t in pytree.tree_leaves(cap.reference)],
         _example=(cap.args, cap.kwargs), _binding=cap.binding)

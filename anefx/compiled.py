@@ -19,6 +19,7 @@ from anefx.pipeline import PassRecord
 
 if TYPE_CHECKING:
     from anefx.diff import GraphDiff
+    from anefx.package_check import PackageCheck
 
 _NOTICE_SHOWN = False
 
@@ -43,6 +44,7 @@ class CompiledModel:
     _output_dtypes: list[torch.dtype] = field(default_factory=list)
     _binding: InputBinding | None = None
     _runners: dict[str, Any] = field(default_factory=dict, repr=False)
+    package_check: PackageCheck | None = None  # the lowered program run on the example (anefx.package_check)
 
     def save(self, path: str | Path) -> Path:
         """Write the .mlpackage (the suffix is added when missing), atomically: a package already there is
@@ -91,6 +93,18 @@ class CompiledModel:
         expected = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
         actual = self.predict(*args, precision=precision, **kwargs)
         return {name: compare(actual[name], ref) for name, ref in zip(self.output_names, expected, strict=True)}
+
+    def check_package(self, precision: str | None = None) -> PackageCheck:
+        """Run the saved program on the example in anefx's MIL interpreter (at the compile's precision,
+        fp16 emulated) and compare it with the model: PSNR per output, inf/NaN, the first overflowing op."""
+        from anefx.package_check import check_package
+
+        args, kwargs = self._example
+        runner = self._runner(precision or self.options.get("precision", "fp16"))
+        with torch.no_grad():
+            reference = self.exported.module()(*args, **kwargs)
+        expected = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
+        return check_package(runner, runner.feed(**self._feed(args, kwargs)), expected, self.rewritten)
 
     def _feed(self, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
         """The call's tensors by input name: bound to the model's forward by name (see anefx.binding)."""

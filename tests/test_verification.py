@@ -134,3 +134,42 @@ def test_mask_like_float_inputs_keep_their_values():
     cap = capture(AddModel(), (torch.randn(1, 1, 4, 4), mask), None)
     for args, _ in drawn_like(cap.exported, (cap.args, cap.kwargs)):
         assert torch.equal(args[1], mask)
+
+
+class Overflowing(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.proj(x) * 1000
+        return torch.softmax(h * h, dim=-1)  # h² is far beyond fp16's 65504
+
+
+def test_an_fp16_overflow_is_reported_with_the_op_that_overflows():
+    import pytest
+
+    from anefx.package_check import PrecisionError, PrecisionWarning
+
+    model, x = Overflowing().eval(), torch.randn(1, 8, 16)
+    with pytest.warns(PrecisionWarning, match=r"hold inf/NaN.*first op whose fp16 output overflows: `mul`.*"
+                                              r"node mul_1.*precision='fp32'"):
+        c = anefx.compile(model, (x,), rules=[])
+    assert c.package_check is not None and not c.package_check.ok
+    assert c.package_check.not_finite == ["output"]
+    with pytest.raises(PrecisionError, match="package_check='skip'"):
+        anefx.compile(model, (x,), rules=[], package_check="raise")
+    fp32 = anefx.compile(model, (x,), rules=[], precision="fp32", package_check="raise")
+    assert fp32.package_check.ok and fp32.package_check.psnr_db["output"] > 80
+    assert anefx.compile(model, (x,), rules=[], package_check="skip").package_check is None
+
+
+def test_a_well_scaled_model_passes_the_package_check_silently():
+    import warnings
+
+    from anefx.package_check import PrecisionWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)
+        c = anefx.compile(torch.nn.Linear(16, 4).eval(), (torch.randn(1, 8, 16),), progress=False)
+    assert c.package_check.ok and c.package_check.psnr_db["output"] > 50

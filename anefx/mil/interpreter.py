@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,11 +55,23 @@ class MilRunner:
             self.states[name] = np.zeros(ttype.shape, self._storage_dtype(ttype))
 
     def __call__(self, *args: Any, **inputs: Any) -> dict[str, np.ndarray]:
+        return self.run(self._feed(args, inputs))
+
+    def run(self, feed: dict[str, np.ndarray],
+            observe: Callable[[Operation, dict[str, Any]], None] | None = None) -> dict[str, np.ndarray]:
+        """Run on already-checked inputs (`_feed`); `observe(op, env)` is called after each op, with
+        `env` holding every value computed so far by name (to find, e.g., the first op that overflows)."""
         env = dict(self._constants)
-        env.update(self._feed(args, inputs))
+        env.update(feed)
         for step in self._steps:
             self._run(step, env)
+            if observe is not None:
+                observe(step.op, env)
         return {name: self._export(name, env[name]) for name in self.output_names}
+
+    def feed(self, *args: Any, **inputs: Any) -> dict[str, Any]:
+        """The inputs as the program takes them (checked and cast), for `run`."""
+        return self._feed(args, inputs)
 
     # -- loading ---------------------------------------------------------------------------------------
     def _step(self, op: Operation) -> _Step:
