@@ -8,6 +8,7 @@ from rich.console import Console
 
 from anefx import zoo
 from anefx.api import compile as anefx_compile
+from anefx.files import check_package_target, package_path
 from anefx.report import histogram_table, pass_table
 
 
@@ -15,6 +16,7 @@ def run_demo(output: Path = Path("anefx-demo.mlpackage"), console: Console | Non
     console = console or Console()
     console.print("[bold]anefx demo[/]: a 2-layer Llama-style decoder (transformers LlamaConfig, hidden 64, "
                   "4 heads / 2 KV heads, vocab 1024, random weights), input_ids of shape (1, 32)")
+    check_package_target(package_path(output))  # refuse a path in use before compiling, not after
     model, args, kwargs = zoo.build("llama")
     with console.status("compiling") as status:
         def progress(stage: str) -> None:

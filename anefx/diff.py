@@ -155,11 +155,9 @@ class GraphDiff:
                 console.print(module_table(stage))
 
     def to_html(self, path: str | Path) -> Path:
-        from anefx.diff_html import render_html
+        from anefx.diff_html import write_html
 
-        path = Path(path)
-        path.write_text(render_html(self), encoding="utf-8")
-        return path
+        return write_html(self, path)
 
 
 def diff(before: ExportedProgram, after: ExportedProgram, stage: str = "after",

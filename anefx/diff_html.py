@@ -8,6 +8,7 @@ shape; removed red, added green, rewired amber, the inputs it reads grey) with e
 from __future__ import annotations
 
 from html import escape
+from pathlib import Path
 
 from anefx.diff import GraphDiff, NodeInfo, Region, Side, StageDiff, delta_text, group_regions, op_counts
 
@@ -51,6 +52,14 @@ def render_html(d: GraphDiff) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{escape(d.title)}</title><style>{CSS}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_html(d: GraphDiff, path: str | Path) -> Path:
+    """Write the page to `path` through a temporary sibling and one rename (anefx.files): a failure or a
+    signal while writing leaves any previous file at `path` as it was."""
+    from anefx.files import atomic_write_text
+
+    return atomic_write_text(path, render_html(d))
 
 
 def _legend() -> str:

@@ -72,11 +72,38 @@ class Tensor:
 
 
 @dataclass
+class WeightFile:
+    """One weight file of the package and the blobs the program reads from it."""
+
+    blob: Any  # anefx.mil.blob.BlobFile
+    blobs: int = 0
+
+    @property
+    def path(self) -> Path:
+        return self.blob.path
+
+    @property
+    def size(self) -> int:
+        return int(self.blob.data.size)
+
+    def check(self, offset: int, expected: int | None) -> None:
+        from anefx.mil.errors import MilProgramError
+
+        _, size = self.blob.entry(offset)
+        if expected is not None and size != expected:
+            raise MilProgramError(f"weight file {self.path}: the blob at offset {offset} holds {size} bytes, "
+                                  f"the program expects {expected}; the file does not belong to this program, "
+                                  "save the .mlpackage again.")
+        self.blobs += 1
+
+
+@dataclass
 class PackageReport:
     path: Path
     histogram: Counter  # non-const op type → count
     tensors: list[Tensor]
     unsupported: dict[str, tuple[int, str]] = field(default_factory=dict)  # op → (count, reason)
+    weight_files: list[WeightFile] = field(default_factory=list)  # each checked: present, every blob in it
 
     @property
     def ranks(self) -> Counter:
@@ -125,7 +152,42 @@ def package_report(path: str | Path, function: str = "main") -> PackageReport:
         histogram[op.type] += 1
         tensors += [Tensor(o.name, op.type, *_type(o.type)) for o in op.outputs]
     unsupported = {op: (histogram[op], why) for op, why in ANE_UNSUPPORTED.items() if histogram[op]}
-    return PackageReport(path, histogram, [t for t in tensors if t.dtype], unsupported)
+    weights = check_weight_files(path, func.block_specializations[func.opset])
+    return PackageReport(path, histogram, [t for t in tensors if t.dtype], unsupported, weights)
+
+
+def check_weight_files(path: Path, block: Any) -> list[WeightFile]:
+    """Every weight file the program reads, checked: present, and holding each blob the program's
+    BlobFile values point at, of the size their type needs (read with anefx.mil.blob, as the interpreter
+    does). A missing, short or foreign file is a PackageError naming it."""
+    from anefx.mil.blob import BlobFile
+    from anefx.mil.errors import MilProgramError
+
+    files: dict[str, WeightFile] = {}
+    try:
+        for name, offset, expected in _blob_references(block):
+            if name not in files:
+                files[name] = WeightFile(BlobFile(path / "Data" / "com.apple.CoreML" / name.removeprefix(
+                    "@model_path/")))
+            files[name].check(offset, expected)
+    except MilProgramError as exc:
+        raise PackageError(str(exc)) from exc
+    return list(files.values())
+
+
+def _blob_references(block: Any):
+    """(file name, offset, expected bytes or None) of every BlobFile value in the block's ops."""
+    for op in _operations(block):
+        values = [op.attributes["val"]] if "val" in op.attributes else []
+        values += [b.value for arg in op.inputs.values() for b in arg.arguments if b.WhichOneof("binding") == "value"]
+        for value in values:
+            if value.WhichOneof("value") == "blobFileValue":
+                yield value.blobFileValue.fileName, value.blobFileValue.offset, _value_bytes(value.type)
+
+
+def _value_bytes(value_type: Any) -> int | None:
+    shape, dtype = _type(value_type)
+    return math.prod(shape) * ELEMENT_BYTES[dtype] if dtype in ELEMENT_BYTES else None
 
 
 def _operations(block: Any):
@@ -188,4 +250,6 @@ def report_tables(report: PackageReport) -> list[Any]:
         if t.wasted_bytes:
             shapes.add_row("  worst", f"{t.op} {t.name} {t.shape} {t.dtype.lower()}: "
                            f"{human_bytes(t.wasted_bytes)} wasted")
-    return [ops, shapes]
+    files = ", ".join(f"{w.path.name} ({human_bytes(w.size)}, {w.blobs} blobs)" for w in report.weight_files)
+    weights = f"weights: {files} — every blob the program reads is present" if files else "weights: none"
+    return [ops, shapes, weights]

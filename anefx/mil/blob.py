@@ -26,17 +26,33 @@ class BlobFile:
         if not path.is_file():
             raise MilProgramError(f"weight file {path} is missing; the .mlpackage is incomplete, "
                                   "save it again.")
+        if path.stat().st_size == 0:
+            raise MilProgramError(f"weight file {path} is empty; the .mlpackage is incomplete, save it again.")
         self.path = path
         self.data = np.memmap(path, dtype=np.uint8, mode="r")
 
-    def read(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        meta = self.data[offset:offset + _METADATA.itemsize].view(_METADATA)[0]
+    def entry(self, offset: int) -> tuple[int, int]:
+        """(start, size in bytes) of the data of the blob whose metadata is at `offset`, checked to lie
+        inside the file."""
+        end = offset + _METADATA.itemsize
+        if end > self.data.size:
+            raise MilProgramError(f"weight file {self.path} has {self.data.size} bytes but the program reads a "
+                                  f"blob at offset {offset}: the file is truncated, save the .mlpackage again.")
+        meta = self.data[offset:end].view(_METADATA)[0]
         if int(meta["sentinel"]) != SENTINEL:
             raise MilProgramError(f"{self.path}: no blob at offset {offset} (bad sentinel); the weight file "
                                   "does not belong to this program, save the .mlpackage again.")
         size, start = int(meta["size"]), int(meta["offset"])
+        if start + size > self.data.size:
+            raise MilProgramError(f"weight file {self.path} has {self.data.size} bytes but the blob at offset "
+                                  f"{offset} ends at byte {start + size}: the file is truncated, save the "
+                                  ".mlpackage again.")
+        return start, size
+
+    def read(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        start, size = self.entry(offset)
         count = int(np.prod(shape, dtype=np.int64))
-        if size != count * dtype.itemsize or start + size > self.data.size:
+        if size != count * dtype.itemsize:
             raise MilProgramError(f"{self.path}: blob at offset {offset} holds {size} bytes, expected "
                                   f"{count * dtype.itemsize} for {dtype} {shape}.")
         return np.array(self.data[start:start + size].view(dtype).reshape(shape))
