@@ -154,9 +154,9 @@ def load_file_target(path: Path, attr: str) -> Target:
                               "zero-argument function returning one.")
         try:
             obj = obj()
-        except TypeError as exc:
-            raise TargetError(f"calling {description}() failed ({exc}); the factory must take no "
-                              "arguments.") from exc
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's factory failed, even by sys.exit
+            raise TargetError(f"calling {description}() failed: {_failure(exc)}. Fix the factory: it must take "
+                              "no arguments and return a module, (module, args) or (module, args, kwargs).") from exc
     model, args, kwargs = _unpack(obj, description)
     return Target(model.eval(), attr, description, args, kwargs)
 
@@ -179,40 +179,115 @@ def _import_file(path: Path) -> Any:
     sys.path.insert(0, str(path.parent.resolve()))  # the file may import its neighbours
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - the user's file failed to import
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's file failed to import, even by sys.exit
         del sys.modules[name]
-        raise TargetError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+        raise TargetError(f"importing {path} failed: {_failure(exc)}. Fix that error in {path.name}.") from exc
     finally:
         sys.path.remove(str(path.parent.resolve()))
     return module
 
 
+def _failure(exc: BaseException) -> str:
+    """'ValueError: first line of the message at file.py:3: `source`' for one line of an error message."""
+    from anefx.capture import user_frame
+
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else '(no message)'}{user_frame(exc)}"
+
+
 def load_hf_directory(path: Path) -> Target:
-    """A local HF model directory, loaded offline with the class of config.architectures[0]."""
+    """A local HF model directory, loaded offline with the class of config.architectures[0]. Refused
+    when any weight of the model is not in the checkpoint or has another shape (it would be random)."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise TargetError(f"{path} has no config.json; pass a Hugging Face model directory (config.json + "
                           "weights) or file.py:attr.")
     import transformers
 
-    config = json.loads(config_file.read_text())
-    arch = (config.get("architectures") or ["AutoModel"])[0]
+    arch = _architecture(_read_config(config_file))
     cls = getattr(transformers, arch, None)
-    if cls is None:
-        raise TargetError(f"{config_file}: architecture {arch!r} is not a class of transformers "
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise TargetError(f"{config_file}: architecture {arch!r} is not a model class of transformers "
                           f"{transformers.__version__}; upgrade transformers or fix `architectures`.")
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # anefx shows its own progress
-    try:
-        model = cls.from_pretrained(str(path), local_files_only=True)
-    except OSError as exc:
-        raise TargetError(f"loading {path} offline failed: {exc}. The directory needs the weights "
-                          "(model.safetensors or pytorch_model.bin) next to config.json.") from exc
-    finally:
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
+    model, info = _from_pretrained(cls, path)
+    _check_loading_info(info, path, arch)
     return Target(model.eval(), path.resolve().name, f"{arch} from {path}",
                   default_examples=default_examples(model.config))
+
+
+def _read_config(config_file: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise TargetError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                          f"{exc.colno}); fix it, or write the model again with save_pretrained.") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TargetError(f"cannot read {config_file} ({exc}); check the file.") from exc
+    if not isinstance(config, dict):
+        raise TargetError(f"{config_file} holds a JSON {type(config).__name__}, not an object; write the model "
+                          "again with save_pretrained.")
+    return config
+
+
+def _architecture(config: dict[str, Any]) -> str:
+    architectures = config.get("architectures") or ["AutoModel"]
+    return str(architectures[0] if isinstance(architectures, list) else architectures)
+
+
+def _from_pretrained(cls: Any, path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model, loading info), quietly: a size mismatch is loaded as reported (then refused), every
+    other failure of transformers is a TargetError."""
+    import transformers
+
+    logging, bars = transformers.utils.logging, transformers.utils.logging.is_progress_bar_enabled()
+    verbosity = logging.get_verbosity()
+    logging.disable_progress_bar()  # anefx shows its own progress
+    logging.set_verbosity_error()  # anefx reports missing and mismatched weights itself, in one line
+    try:
+        return cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True,
+                                   ignore_mismatched_sizes=True)
+    except Exception as exc:  # noqa: BLE001 - transformers' and safetensors' failures, re-raised readable
+        raise TargetError(_loading_message(exc, path)) from exc
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _loading_message(exc: Exception, path: Path) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    first = lines[0].rstrip(".") if lines else type(exc).__name__
+    if isinstance(exc, OSError) and "no file named" in first:
+        advice = "the directory needs the weights (model.safetensors or pytorch_model.bin) next to config.json"
+    elif "SafetensorError" in type(exc).__name__ or "deserializ" in first or "pickle" in first.lower():
+        advice = "the weights file is truncated or corrupt: write the model again with save_pretrained"
+    elif "model type" in first or "model_type" in first:
+        advice = "set `model_type` and `architectures` in config.json to a model transformers knows"
+    else:
+        advice = "check that config.json and the weights belong together (save_pretrained writes both)"
+    return f"loading {path} offline failed: {type(exc).__name__}: {first}. To fix: {advice}."
+
+
+def _check_loading_info(info: dict[str, Any], path: Path, arch: str) -> None:
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise TargetError(f"{path}: {len(missing)} weights of {arch} are not in the checkpoint and would be "
+                          f"random ({_some(missing)}); anefx does not compile a partly random model. Write the "
+                          "complete model with save_pretrained, or fix config.json (layer counts, "
+                          "`architectures`) to match the weights.")
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        raise TargetError(f"{path}: the weights do not fit config.json: {key} is {tuple(stored)} in the "
+                          f"checkpoint but {tuple(expected)} in the model ({len(mismatched)} weights differ); "
+                          "fix config.json (sizes) to match the weights, or write both with save_pretrained.")
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
 
 
 def default_examples(config: Any) -> list[ExampleSpec]:
