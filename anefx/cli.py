@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -31,15 +33,43 @@ def _root() -> None:
 
 
 def friendly_errors(fn: Callable) -> Callable:
+    """Every failure of a command is one red `error:` line on stderr and exit code 2: an AnefxError as
+    it is, a file-system error with what to change, anything else as a bug to report. ANEFX_DEBUG=1
+    (read at each call) re-raises the unexpected ones with their traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort,
+                click.exceptions.ClickException):
+            raise
         except AnefxError as exc:
-            err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2) from None
+            fail(str(exc))
+        except OSError as exc:
+            if debugging():
+                raise
+            from anefx.files import os_error_message
+
+            fail(os_error_message(exc))
+        except Exception as exc:  # noqa: BLE001 - the last resort: no raw traceback for a user
+            if debugging():
+                raise
+            lines = str(exc).strip().splitlines()
+            fail(f"unexpected {type(exc).__name__}: {lines[0][:300] if lines else '(no message)'}. This is a bug "
+                 "in anefx: please report it with the command you ran (ANEFX_DEBUG=1 shows the traceback).")
 
     return wrapper
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print `message` as one red `error:` line on stderr and exit with `code`."""
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    err_console.print(f"[red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=code)
+
+
+def debugging() -> bool:
+    return os.environ.get("ANEFX_DEBUG", "") not in ("", "0")
 
 
 @app.command()
@@ -129,8 +159,11 @@ def compile_command(
         deployment_target: DeploymentTarget = "iOS18", attention: Attention = None,
         rules: Rules = None) -> None:
     """Compile TARGET into a .mlpackage and show what each rule did."""
+    from anefx.files import check_package_target, package_path
     from anefx.report import pass_table
 
+    if output is not None:
+        check_package_target(package_path(output))  # refuse before a long compile, not after
     with staged(console, "compiling") as progress:
         loaded, compiled = _compile(target, example, console, compute_units=compute_units,
                                     precision=precision, deployment_target=deployment_target,
@@ -153,6 +186,10 @@ def diff_command(
         deployment_target: DeploymentTarget = "iOS18", attention: Attention = None,
         rules: Rules = None) -> None:
     """Compile TARGET and show what each stage changed in the graph, module by module."""
+    if html is not None:
+        from anefx.files import check_file_target
+
+        check_file_target(html)  # refuse before a long compile, not after
     with staged(console, "compiling") as progress:
         loaded, compiled = _compile(target, example, console, compute_units=compute_units,
                                     precision=precision, deployment_target=deployment_target,
@@ -189,22 +226,54 @@ def verify_command(
     examples: Examples = None,
     precision: Annotated[str, typer.Option("--precision", help="fp16 (emulated, as on the device) or fp32")]
     = "fp16",
+    min_psnr: Annotated[float | None, typer.Option(
+        "--min-psnr", help="fail below this PSNR in dB (default: 40 when fp16 is involved, 80 for fp32)")] = None,
+    rtol: Annotated[float | None, typer.Option(
+        "--rtol", help="also fail any value with |package - model| > atol + rtol·|model|")] = None,
+    atol: Annotated[float | None, typer.Option("--atol", help="the absolute part of that bound")] = None,
 ) -> None:
-    """Run a saved package with anefx's MIL interpreter and compare it with the PyTorch model."""
+    """Run a saved package with anefx's MIL interpreter, compare it with the PyTorch model, and judge:
+    PASS (exit 0) or FAIL with the reasons (exit 1)."""
+    from anefx.target import example_inputs, load_target, parse_example
+    from anefx.verify import Criteria, check_package
+
+    specs = [parse_example(e) for e in examples or []]
+    if not package.exists():
+        fail(f"{package} does not exist; pass the path of a saved .mlpackage.")
+    loaded = load_target(module)
+    args, kwargs = example_inputs(loaded, specs)
+    verdict = check_package(package, loaded.model, args, kwargs, precision, Criteria(min_psnr, rtol, atol))
+    console.print(_verdict_table(verdict, f"{package.name} vs {loaded.description} ({precision})"))
+    console.print(_WEIGHTS_LINE[verdict.weights])
+    if verdict.passed:
+        tolerance = f"; within atol={atol or 0:g} + rtol={rtol or 0:g}·|ref|" if rtol or atol else ""
+        console.print(f"[green]PASS[/]: every output is finite and ≥ {verdict.min_psnr:g} dB PSNR{tolerance}.")
+        return
+    console.print("[red]FAIL[/]: " + escape("; ".join(verdict.reasons)) + ".", soft_wrap=True)
+    raise typer.Exit(code=1)
+
+
+_WEIGHTS_LINE = {
+    "same": "weights: the package was built from this model's weights (fingerprint matches).",
+    "other": "weights: [red]the package was built from other weights than this model[/].",
+    "unrecorded": "weights: not checked — the package records no weights fingerprint (not saved by anefx).",
+}
+
+
+def _verdict_table(verdict, title: str):
     from rich.table import Table
 
-    from anefx.target import example_inputs, load_target, parse_example
-    from anefx.verify import verify_package
-
-    loaded = load_target(module)
-    args, kwargs = example_inputs(loaded, [parse_example(e) for e in examples or []])
-    report = verify_package(package, loaded.model, args, kwargs, precision)
-    table = Table(title=f"{package.name} vs {loaded.description} ({precision})")
-    for col in ("output", "max abs error", "max rel error", "PSNR (dB)"):
-        table.add_column(col, justify="left" if col == "output" else "right")
-    for name, r in report.items():
-        table.add_row(name, f"{r.max_abs:.3g}", f"{r.max_rel:.3g}", f"{r.psnr_db:.1f}")
-    console.print(table)
+    table = Table(title=title)
+    elementwise = any(o.outside is not None for o in verdict.outputs)
+    columns = ["output", "max abs error", "max rel error", "PSNR (dB)", "nan/inf"]
+    for col in [*columns, *(["outside tol"] if elementwise else []), "ok"]:
+        table.add_column(col, justify="left" if col in ("output", "ok") else "right", no_wrap=col == "output")
+    for o in verdict.outputs:
+        ok = not any(r.startswith(f"{o.name}: ") for r in verdict.reasons)
+        row = [o.name, f"{o.error.max_abs:.3g}", f"{o.error.max_rel:.3g}", f"{o.error.psnr_db:.1f}",
+               str(o.non_finite), *([str(o.outside)] if elementwise else []), "[green]yes[/]" if ok else "[red]no[/]"]
+        table.add_row(*row)
+    return table
 
 
 @app.command("doctor")

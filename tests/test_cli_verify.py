@@ -17,7 +17,7 @@ def test_verify_command_reports_errors_per_output(tmp_path):
     result = CliRunner().invoke(app, ["verify", str(path), "--module", "zoo:bert"])
     assert result.exit_code == 0, result.output
     assert "last_hidden_state" in result.output and "pooler_output" in result.output
-    assert "PSNR" in result.output
+    assert "PSNR" in result.output and "PASS" in result.output and "fingerprint matches" in result.output
     report = verify_package(path, model, args, kwargs, precision="fp16")
     assert all(r.psnr_db >= 60 for r in report.values())
 
