@@ -1,8 +1,14 @@
-"""anefx: compile PyTorch models into Apple Neural Engine friendly CoreML programs."""
+"""anefx: compile PyTorch models into Apple Neural Engine friendly CoreML programs.
 
-from anefx.api import compile, default_rules
-from anefx.compiled import AnefxNotice, CompiledModel
-from anefx.diff import GraphDiff, diff
+`import anefx` is cheap: torch, coremltools and the rule library load on first use of what needs them
+(so `anefx --help` answers at once).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from anefx.errors import (
     AnefxError,
     CaptureError,
@@ -13,12 +19,45 @@ from anefx.errors import (
     RuleError,
     UnknownRuleError,
 )
-from anefx.pipeline import PassRecord
-from anefx.rule import Match, Pattern, Rule
+
+if TYPE_CHECKING:  # what the names below resolve to, for type checkers and editors
+    from anefx.api import compile, default_rules
+    from anefx.compiled import AnefxNotice, CompiledModel
+    from anefx.diff import GraphDiff, diff
+    from anefx.mil import load_mlpackage
+    from anefx.package_check import PackageCheck, PrecisionError, PrecisionWarning
+    from anefx.pipeline import PassRecord
+    from anefx.rule import Match, Pattern, Rule
+
+_LAZY = {
+    "compile": "anefx.api", "default_rules": "anefx.api",
+    "AnefxNotice": "anefx.compiled", "CompiledModel": "anefx.compiled",
+    "GraphDiff": "anefx.diff", "diff": "anefx.diff",
+    "load_mlpackage": "anefx.mil",
+    "PackageCheck": "anefx.package_check", "PrecisionError": "anefx.package_check",
+    "PrecisionWarning": "anefx.package_check",
+    "PassRecord": "anefx.pipeline",
+    "Match": "anefx.rule", "Pattern": "anefx.rule", "Rule": "anefx.rule",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'anefx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "AnefxError", "AnefxNotice", "CaptureError", "CompiledModel", "GraphDiff", "InvalidExampleError",
-    "InvalidModelError", "LoweringError", "Match", "OptionError", "PassRecord", "Pattern", "Rule",
-    "RuleError", "UnknownRuleError", "compile", "default_rules", "diff",
+    "InvalidModelError", "LoweringError", "Match", "OptionError", "PackageCheck", "PassRecord", "Pattern",
+    "PrecisionError", "PrecisionWarning", "Rule", "RuleError", "UnknownRuleError", "compile", "default_rules",
+    "diff", "load_mlpackage",
 ]
 __version__ = "0.1.0"
