@@ -1,15 +1,16 @@
 """anefx against plain coremltools, side by side: compile time, peak memory, and the program produced.
 
-    UV_FIND_LINKS=/opt/wheels uv run python benchmarks/compile_bench.py --quick   # tiny configs, < 2 min
-    UV_FIND_LINKS=/opt/wheels uv run python benchmarks/compile_bench.py           # base-size configs
-    UV_FIND_LINKS=/opt/wheels uv run python benchmarks/compile_bench.py --size 1b # + a ~1.1B Llama
+    uv run python benchmarks/compile_bench.py --quick            # tiny configs, < 2 min
+    uv run python benchmarks/compile_bench.py                    # base-size configs
+    uv run python benchmarks/compile_bench.py --size 1b --record # + a ~1.1B Llama, recorded in the docs
 
 Each (model, path) pair runs in a fresh process, one after another:
 - plain: torch.export, run_decompositions({}), the graph fixes coremltools needs (anefx.legalize), then
   ct.convert (fp16, iOS18) and save — what a user of coremltools alone would write;
 - anefx: anefx.compile with the default rules (each verified on the example), then save.
-The table goes to stdout and into the generated block of --output (docs/benchmarks.md by default);
-text outside that block is kept.
+The table goes to stdout and to a scratch file (benchmarks/results/compile_bench.md, not tracked by git).
+The recorded results in docs/benchmarks.md change only when asked: `--record` writes the table into the
+generated block of that file (text outside the block is kept); `--output FILE` writes it into FILE instead.
 """
 
 from __future__ import annotations
@@ -94,8 +95,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny zoo configs (CI-sized)")
     parser.add_argument("--size", choices=["1b"], help="also run the ~1.1B Llama-style decoder")
     parser.add_argument("--models", help="comma-separated subset, e.g. distilbert,llama")
-    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md",
-                        help="markdown file whose generated block receives the table")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="markdown file whose generated block receives the table (default: a scratch file)")
+    parser.add_argument("--record", action="store_true",
+                        help=f"write the table into the recorded results, {RECORDED.relative_to(ROOT)}")
     parser.add_argument("--json", type=Path, help="also write the raw rows here")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -116,7 +119,7 @@ def selected(options: argparse.Namespace) -> list[bench_models.ModelSpec]:
 
 
 def command_line(argv: list[str]) -> str:
-    return "UV_FIND_LINKS=/opt/wheels uv run python benchmarks/compile_bench.py " + shlex.join(argv)
+    return "uv run python benchmarks/compile_bench.py " + shlex.join(a for a in argv if a != "--record")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,9 +138,19 @@ def main(argv: list[str] | None = None) -> None:
         options.json.write_text(json.dumps(rows, indent=1))
     block = render(rows, command_line(argv), quick=options.quick)
     print(block)
-    write_block(options.output, block)
+    target = destination(options)
+    write_block(target, block)
+    print(f"table written to {target}" + ("" if target == RECORDED else
+                                          " (the recorded results change only with --record)"))
 
 
+def destination(options: argparse.Namespace) -> Path:
+    """Where the table goes: --output, the recorded results with --record, else a scratch file."""
+    return options.output or (RECORDED if options.record else SCRATCH)
+
+
+RECORDED = ROOT / "docs" / "benchmarks.md"
+SCRATCH = ROOT / "benchmarks" / "results" / "compile_bench.md"
 BEGIN, END = "<!-- compile_bench: begin (generated) -->", "<!-- compile_bench: end -->"
 
 

@@ -1,6 +1,6 @@
 """Time the MIL interpreter on the small zoo models, fp32 and fp16 programs.
 
-    UV_FIND_LINKS=/opt/wheels uv run python benchmarks/interpreter_bench.py [--repeat 20] [model ...]
+    uv run python benchmarks/interpreter_bench.py [--repeat 20] [model ...]
 
 For each model: compile with anefx (fp32 and fp16), save the .mlpackage, load it with
 `anefx.mil.load_mlpackage` (timed: protobuf + weights), then time one run (median of --repeat after a

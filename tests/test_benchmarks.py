@@ -56,3 +56,17 @@ def test_markdown_has_the_side_by_side_tables(quick_run):
     assert "<!-- compile_bench: begin (generated) -->" in text and "Machine:" in text
     assert "| DistilBERT tiny (S=32) | plain |" in text and "| DistilBERT tiny (S=32) | anefx |" in text
     assert "time ×" in text and "memory ×" in text and "--quick --models distilbert,llama" in text
+
+
+def test_only_record_rewrites_the_recorded_results():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import compile_bench
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    recorded = SCRIPT.parent.parent / "docs" / "benchmarks.md"
+    assert compile_bench.destination(compile_bench.parse(["--quick"])) != recorded
+    assert compile_bench.destination(compile_bench.parse([])) != recorded
+    assert compile_bench.destination(compile_bench.parse(["--size", "1b"])).parent.name == "results"
+    assert compile_bench.destination(compile_bench.parse(["--record"])) == recorded
+    assert "--record" not in compile_bench.command_line(["--size", "1b", "--record"])
