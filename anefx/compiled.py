@@ -87,9 +87,10 @@ class CompiledModel:
         from anefx.mil import compare
 
         if not args and not kwargs:
-            args, kwargs = self._example
+            args, kwargs = self._example_call()
         with torch.no_grad():
-            reference = self.exported.module()(*args, **kwargs)
+            positional, named = self._captured_form(args, kwargs)
+            reference = self.exported.module()(*positional, **named)
         expected = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
         actual = self.predict(*args, precision=precision, **kwargs)
         return {name: compare(actual[name], ref) for name, ref in zip(self.output_names, expected, strict=True)}
@@ -104,7 +105,24 @@ class CompiledModel:
         with torch.no_grad():
             reference = self.exported.module()(*args, **kwargs)
         expected = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
-        return check_package(runner, runner.feed(**self._feed(args, kwargs)), expected, self.rewritten)
+        feed = self._feed(*self._example_call())
+        return check_package(runner, runner.feed(**feed), expected, self.rewritten)
+
+    def _example_call(self) -> tuple[tuple, dict]:
+        """The example as a user calls the model: its tensors and the constants it was compiled with."""
+        args, kwargs = self._example
+        constants = self._binding.constants if self._binding is not None else {}
+        return args, {**kwargs, **constants}
+
+    def _captured_form(self, args: tuple, kwargs: dict) -> tuple:
+        """(args, kwargs) as the captured program takes them: bound by name, constants checked and left out."""
+        if self._binding is None:
+            return args, {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        self._binding.tensors(args, kwargs)  # checks the call
+        from anefx.binding import canonical, split_constants
+
+        positional, named = canonical(self._binding.signature, args, kwargs, self._binding.positional)
+        return positional, split_constants(named)[0]
 
     def _feed(self, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
         """The call's tensors by input name: bound to the model's forward by name (see anefx.binding)."""
