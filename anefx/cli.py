@@ -235,14 +235,14 @@ def verify_command(
     """Run a saved package with anefx's MIL interpreter, compare it with the PyTorch model, and judge:
     PASS (exit 0) or FAIL with the reasons (exit 1)."""
     from anefx.target import example_inputs, load_target, parse_example
-    from anefx.verify import Criteria, check_package
+    from anefx.verify import Criteria, package_verdict
 
     specs = [parse_example(e) for e in examples or []]
     if not package.exists():
         fail(f"{package} does not exist; pass the path of a saved .mlpackage.")
     loaded = load_target(module)
     args, kwargs = example_inputs(loaded, specs)
-    verdict = check_package(package, loaded.model, args, kwargs, precision, Criteria(min_psnr, rtol, atol))
+    verdict = package_verdict(package, loaded.model, args, kwargs, precision, Criteria(min_psnr, rtol, atol))
     console.print(_verdict_table(verdict, f"{package.name} vs {loaded.description} ({precision})"))
     console.print(_WEIGHTS_LINE[verdict.weights])
     if verdict.passed:

@@ -15,9 +15,9 @@ from typing import Any
 
 from anefx.mlpackage import PackageError, load_spec
 
-ANE_MAX_DIM = 16384  # DESIGN.md fact 5: every tensor dimension ≤ 16384 on the ANE
-ANE_MAX_RANK = 4  # DESIGN.md fact 4: no rank-5 tensors on the ANE
-ANE_ROW_BYTES = 64  # the ANE pads the last axis of a tensor to 64 bytes (DESIGN.md fact 1)
+ANE_MAX_DIM = 16384  # every tensor dimension ≤ 16384 on the ANE (Apple, Deploying Transformers on the ANE)
+ANE_MAX_RANK = 4  # no rank-5 tensors on the ANE
+ANE_ROW_BYTES = 64  # the ANE pads the last axis of a tensor to 64 bytes
 ELEMENT_BYTES = {"FLOAT16": 2, "BFLOAT16": 2, "FLOAT32": 4, "FLOAT64": 8, "INT8": 1, "UINT8": 1,
                  "INT16": 2, "UINT16": 2, "INT32": 4, "UINT32": 4, "INT64": 8, "UINT64": 8, "BOOL": 1}
 

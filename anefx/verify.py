@@ -2,8 +2,8 @@
 
 The package is run by anefx's MIL interpreter (anefx.mil), the model in torch, on the same inputs;
 per output: max absolute error, max relative error (to the reference's largest magnitude), PSNR and
-the count of non-finite values. `check_package` turns them into a verdict: it fails when an output has
-a nan or inf, when its PSNR is below the bar (40 dB when fp16 is involved, 80 dB for an fp32 program
+the count of non-finite values. `package_verdict` turns them into a verdict: it fails when an output
+has a nan or inf, when its PSNR is below the bar (40 dB when fp16 is involved, 80 dB for an fp32 program
 run in fp32), when an element misses the elementwise tolerance |actual − ref| ≤ atol + rtol·|ref| (only
 when rtol or atol is given), or when the weights fingerprint the package records differs from the
 model's: "the package was built from other weights than this model".
@@ -74,8 +74,8 @@ def verify_package(path: str | Path, model: torch.nn.Module, args: tuple, kwargs
     return {name: compare(actual[name], ref) for name, ref in expected.items()}
 
 
-def check_package(path: str | Path, model: torch.nn.Module, args: tuple, kwargs: dict,
-                  precision: str = "fp16", criteria: Criteria = Criteria()) -> Verdict:
+def package_verdict(path: str | Path, model: torch.nn.Module, args: tuple, kwargs: dict,
+                    precision: str = "fp16", criteria: Criteria = Criteria()) -> Verdict:
     """Run the package and the model on the same inputs and judge: see the module docstring."""
     from anefx.mil import load_mlpackage
 
