@@ -208,12 +208,12 @@ def test_sigint_while_writing_restores_the_old_package_then_interrupts(package):
         time.sleep(5)  # the signal arrives here
         raise AssertionError("the write was not interrupted")
 
-    started = time.monotonic()
+    started, handler = time.monotonic(), signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         atomic_package_write(package, interrupted)
     assert time.monotonic() - started < 4
     assert tree_digest(package) == before and len(list(package.parent.iterdir())) == 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler  # the previous handler is back
 
 
 def test_a_signal_during_the_rename_waits_for_it():
