@@ -15,7 +15,7 @@ from coremltools.converters.mil import Builder as mb
 from anefx.mil import MilRuntimeError
 from anefx.mil.ops_pool import pool_axes
 from tests.mil.programs import rand
-from tests.mil.torch_programs import assert_close_to_torch, assert_psnr, run_module
+from tests.mil.torch_programs import Branches, assert_close_to_torch, assert_psnr, run_module
 
 POOLS_2D = {  # label: torch call; (9, 10) input: odd and even sizes, ceil overhang on both
     "max k3 s2 p1": lambda x: F.max_pool2d(x, 3, 2, 1),
@@ -31,15 +31,6 @@ POOLS_2D = {  # label: torch call; (9, 10) input: odd and even sizes, ceil overh
     "adaptive avg (3, 5)": lambda x: F.adaptive_avg_pool2d(x, (3, 5)),
     "adaptive max (3, 5)": lambda x: F.adaptive_max_pool2d(x, (3, 5)),
 }
-
-
-class Branches(torch.nn.Module):
-    def __init__(self, calls):
-        super().__init__()
-        self.calls = list(calls)
-
-    def forward(self, x):
-        return tuple(call(x) for call in self.calls)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from coremltools.converters.mil import Builder as mb
 
 from tests.mil.programs import rand
-from tests.mil.test_ops_pool import Branches
-from tests.mil.torch_programs import assert_close_to_torch, run_module
+from tests.mil.torch_programs import Branches, assert_close_to_torch, run_module
 
 
 def test_pixel_shuffle_and_unshuffle_against_torch(tmp_path):

@@ -15,8 +15,7 @@ from coremltools.converters.mil import Builder as mb
 from anefx.mil import MilRuntimeError
 from anefx.mil.ops_resample import sample_points
 from tests.mil.programs import rand
-from tests.mil.test_ops_pool import Branches
-from tests.mil.torch_programs import assert_close_to_torch, assert_psnr, run_module
+from tests.mil.torch_programs import Branches, assert_close_to_torch, assert_psnr, run_module
 
 INTERPOLATIONS = {  # (6, 7) input
     "nearest x2": lambda x: F.interpolate(x, scale_factor=2, mode="nearest"),

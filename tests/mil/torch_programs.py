@@ -14,6 +14,17 @@ from anefx.mlpackage import histogram
 logging.getLogger("coremltools").setLevel(logging.ERROR)
 
 
+class Branches(torch.nn.Module):
+    """Several calls on the same input, one output each: one conversion checks many variants."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = list(calls)
+
+    def forward(self, x):
+        return tuple(call(x) for call in self.calls)
+
+
 def convert_module(module: torch.nn.Module, x: torch.Tensor, path: Path, precision: str = "fp32") -> Path:
     """`module` exported, converted by coremltools (its default passes) for iOS18 and saved at `path`."""
     import coremltools as ct
