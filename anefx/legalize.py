@@ -10,6 +10,8 @@
   split-head attention rule recognises and indexes instead of copying.
 - `__and__` / `__or__` on booleans (HF's padding-mask construction) become `logical_and` / `logical_or`,
   which coremltools lowers.
+- Reductions over the whole tensor (`x.sum()`, `x.mean()`, `x.max()`, `x.min()`) name their axes:
+  coremltools' transpose-folding pass fails on a reduction without axes behind a layout change.
 - Empty tensors leave `aten.cat` (an empty KV cache's first update, `cat([empty, k], -2)`, as dynamo
   records HF's DynamicCache): they add nothing, and a rank-1 empty tensor cannot be lowered or split
   per head.
@@ -61,6 +63,9 @@ def legalize(ep: ExportedProgram) -> Counter:
             done["logical"] += 1
         elif node.target is aten.cat.default and _drop_empty(node):
             done["empty_cat"] += 1
+        elif node.target in FULL_REDUCTIONS and _rank(node.args[0]) > 0:
+            _name_axes(node)
+            done["reduction_axes"] += 1
     done["folded"] = fold_constants(ep)
     finish(ep)
     return +done
@@ -73,6 +78,25 @@ BOOLEAN = {aten.__and__.Tensor: aten.logical_and.default, aten.__or__.Tensor: at
 def _is_bool(arg) -> bool:
     return isinstance(arg, fx.Node) and isinstance(arg.meta.get("val"), torch.Tensor) \
         and arg.meta["val"].dtype == torch.bool
+
+
+FULL_REDUCTIONS = {aten.sum.default: aten.sum.dim_IntList, aten.mean.default: aten.mean.dim,
+                   aten.max.default: aten.amax.default, aten.min.default: aten.amin.default}
+
+
+def _rank(arg) -> int:
+    value = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+    return value.dim() if isinstance(value, torch.Tensor) else 0
+
+
+def _name_axes(node: fx.Node) -> None:
+    """x.sum() → x.sum([0, …, rank-1]) (same value, the same dtype keyword)."""
+    x = node.args[0]
+    with node.graph.inserting_before(node):
+        new = emit(node.graph, FULL_REDUCTIONS[node.target], (x, list(range(_rank(x))), False), dict(node.kwargs),
+                   origin=node, rule="legalize")
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
 
 
 def _drop_empty(cat: fx.Node) -> bool:
