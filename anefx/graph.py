@@ -8,8 +8,10 @@ and torch.export need it) and provenance: the anchor node's `nn_module_stack` / 
 from __future__ import annotations
 
 import copy
+import heapq
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -148,11 +150,13 @@ def sync_output_specs(ep: ExportedProgram) -> None:
             spec.arg = TensorArgument(name=node.name)
 
 
-def finish(ep: ExportedProgram) -> None:
-    """Remove dead code, re-sync the signature, recompile and validate the program."""
+def finish(ep: ExportedProgram, touched: Iterable[fx.Node] = ()) -> None:
+    """Remove dead code, re-sync the signature, recompile and validate the program. `touched`: nodes
+    whose inputs a rewrite replaced; their metadata (and what depends on it) is re-derived."""
     gm = ep.graph_module
     topological_order(gm.graph)
     gm.graph.eliminate_dead_code()
+    refresh_meta(gm.graph, touched)
     drop_unused_constants(ep)
     gm.graph.lint()
     gm.recompile()
@@ -166,8 +170,6 @@ def topological_order(graph: fx.Graph) -> bool:
 
     Rules insert each replacement before the node it replaces; when matches are chained or adjacent a
     replacement can end up ahead of a value it reads, and the engine, not each rule, restores order."""
-    import heapq
-
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     if all(position[a] < position[n] for n in nodes for a in n.all_input_nodes):
@@ -190,6 +192,60 @@ def topological_order(graph: fx.Graph) -> bool:
         if node is not output:
             output.prepend(node)
     return True
+
+
+VIEWS = (aten.view.default, aten._unsafe_view.default)
+
+
+def refresh_meta(graph: fx.Graph, touched: Iterable[fx.Node]) -> int:
+    """Re-derive the FakeTensor of each touched node, and of its users while anything changes; a view
+    its input can no longer serve becomes a reshape (the same values). Returns how many views turned.
+
+    A rule replaces a value by an equal one that may be laid out differently — a permuted conv output,
+    a slice of a wider norm — where the model had a contiguous tensor, and a `view` exported for that
+    contiguous tensor (torch.export writes `reshape` as `view` when it can) cannot view the new one."""
+    nodes = [n for n in touched if not getattr(n, "_erased", False) and n.graph is graph]
+    if not nodes:
+        return 0
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    mode = fake_mode_of(graph.owning_module)
+    pending = [(position[n], n) for n in set(nodes)]
+    heapq.heapify(pending)
+    done: set[fx.Node] = set()
+    turned = 0
+    while pending:
+        _, node = heapq.heappop(pending)
+        if node in done or node.op != "call_function":
+            continue
+        done.add(node)
+        value, reshaped = _fake_run(node, mode)
+        turned += reshaped
+        if _same_layout(value, node.meta.get("val")):
+            continue
+        node.meta["val"] = value
+        for user in node.users:
+            heapq.heappush(pending, (position[user], user))
+    return turned
+
+
+def _fake_run(node: fx.Node, mode) -> tuple[Any, bool]:
+    args, kwargs = pytree.tree_map_only(fx.Node, val, (node.args, node.kwargs))
+    with mode:
+        try:
+            return node.target(*args, **kwargs), False
+        except (RuntimeError, ValueError):  # fake tensors raise ValueError where kernels raise RuntimeError
+            if node.target not in VIEWS:
+                raise
+            node.target = aten.reshape.default
+            return node.target(*args, **kwargs), True
+
+
+def _same_layout(a: Any, b: Any) -> bool:
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_layout(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()
+    return type(a) is type(b)
 
 
 def drop_unused_constants(ep: ExportedProgram) -> None:

@@ -24,7 +24,7 @@ def layer_norm(x: torch.Tensor, axis: int, weight: torch.Tensor | None, bias: to
 
 @layer_norm.register_fake
 def _(x, axis, weight, bias, eps):
-    return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)  # as the kernel: contiguous
 
 
 @torch.library.custom_op("anefx::output_copy", mutates_args=())

@@ -227,13 +227,24 @@ def apply_rule(rule: Rule, ep: ExportedProgram) -> RuleResult:
     before = op_histogram(ep.graph_module)
     ctx = Context(ep=ep, rule=rule.name)
     result = RuleResult()
-    seen_refusals: set[tuple[str, str]] = set()
     trace_all(rule.patterns())
+    touched: list[fx.Node] = []  # nodes whose inputs were replaced: their metadata is re-derived
+    with ep.graph_module._set_replace_hook(lambda old, new, user: touched.append(user)):
+        _rewrite(rule, ctx, result, set())
+    finish(ep, touched)
+    after = op_histogram(ep.graph_module)
+    result.op_delta = {k: after[k] - before[k] for k in sorted(set(before) | set(after))
+                       if after[k] != before[k]}
+    result.ms = (time.perf_counter() - start) * 1e3
+    return result
+
+
+def _rewrite(rule: Rule, ctx: Context, result: RuleResult, seen_refusals: set[tuple[str, str]]) -> None:
     if rule.run is not None:
         result.matches, result.refusals = rule.run(ctx)
     replaced: dict[fx.Node, fx.Node] = {}  # the output of each match already rewritten → its replacement
     for pattern in rule.patterns():
-        for match in find_matches(pattern, ep.graph_module.graph):
+        for match in find_matches(pattern, ctx.graph):
             if any(n.graph is not ctx.graph or _erased(n) for n in match.nodes):
                 continue
             # a match found before an earlier one was rewritten may read that match's old output
@@ -252,12 +263,6 @@ def apply_rule(rule: Rule, ep: ExportedProgram) -> RuleResult:
             result.matches += 1
     if rule.after is not None and result.matches:
         rule.after(ctx)
-    finish(ep)
-    after = op_histogram(ep.graph_module)
-    result.op_delta = {k: after[k] - before[k] for k in sorted(set(before) | set(after))
-                       if after[k] != before[k]}
-    result.ms = (time.perf_counter() - start) * 1e3
-    return result
 
 
 def find_matches(pattern: Pattern, graph: fx.Graph) -> list[Match]:

@@ -1,0 +1,1 @@
+"""Property-based fuzzing of the rule engine and the rules: random models, compiled, checked."""
