@@ -35,6 +35,7 @@ from anefx.backend_graph import (
     OutputPlan,
     Slot,
     describe_graph,
+    describe_input,
     describe_inputs,
     graph_slots,
     graph_with_outputs,
@@ -47,6 +48,7 @@ from anefx.errors import AnefxError, BackendError, CaptureError, OptionError, sh
 
 _NOTICE_SHOWN = False
 _GRAPH_NUMBERS = itertools.count(1)
+_FALLBACKS_NOTED: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,11 @@ class BackendOptions:
         if mode not in (None, "default"):
             raise OptionError(f"torch.compile(mode={mode!r}) means nothing to anefx; drop `mode` and pass "
                               "anefx settings through options={...}.")
-        options = dict(options or {})
         known = [f.name for f in fields(cls)]
+        if options is not None and not isinstance(options, Mapping):
+            raise OptionError(f"torch.compile(..., options=...) takes a dict, e.g. {{'precision': 'fp32'}}, got "
+                              f"{type(options).__name__}; its keys: {', '.join(known)}.")
+        options = dict(options or {})
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise OptionError(f"unknown anefx option(s) {', '.join(map(repr, unknown))}; "
@@ -127,7 +132,8 @@ def anefx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options:
     plan = OutputPlan.of(gm, slots)
     if not plan.program_nodes:
         return gm.forward  # nothing computed from the user's tensors (a piece between breaks, views, sizes)
-    return AnefxCompiledGraph(gm, slots, state, plan, parsed, number=next(_GRAPH_NUMBERS))
+    names = [describe_input(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    return AnefxCompiledGraph(gm, slots, state, plan, parsed, names, number=next(_GRAPH_NUMBERS))
 
 
 def _raise_when_called(exc: AnefxError) -> Callable[..., Any]:
@@ -161,8 +167,9 @@ class AnefxCompiledGraph:
     state: list[torch.Tensor]
     plan: OutputPlan
     options: BackendOptions
+    input_names: list[str]  # the user's name of each graph input (x, self.lin.weight)
     number: int = 0  # the how-manieth graph this process handed to anefx (named in messages)
-    written: list[str] | None = None  # inputs the graph writes to in place (checked at the first call: a
+    written: list[int] | None = None  # inputs the graph writes to in place (checked at the first call: a
     # fake run inside dynamo's compile would add guards to the graph)
     cache: dict[tuple, Callable[[Sequence[Any]], Any]] = field(default_factory=dict)  # signature → runner
     compiled: dict[tuple, Any] = field(default_factory=dict)  # signature → CompiledModel
@@ -178,12 +185,15 @@ class AnefxCompiledGraph:
         try:
             return self._compile(key, args)
         except Exception as exc:  # noqa: BLE001 - raised as an AnefxError, or the graph runs in torch
-            message = self._failure_message(exc, args)
+            reason = _reason(exc)
+            message = self._failure_message(exc, reason, args)
             if not self.options.fallback:
                 raise _same_kind(exc, message + "\nTo run such a graph in torch instead, pass "
                                  "options={'fallback': True}.") from exc
         self.failures[key] = message
-        if len(self.failures) == 1:
+        noted = (describe_graph(self.gm), reason)  # once per place and reason, whatever the shapes
+        if noted not in _FALLBACKS_NOTED:
+            _FALLBACKS_NOTED.add(noted)
             _notice(message.replace("could not compile", "runs in torch, not CoreML: anefx could not compile", 1)
                     + "\nPass options={'fallback': False} to make this an error.")
         return lambda a: self.gm(*a)
@@ -192,10 +202,11 @@ class AnefxCompiledGraph:
         if self.written is None:
             self.written = written_inputs(self.gm, args) or []
         if self.written:
+            names = ", ".join(self.input_names[i] for i in self.written)
             raise CaptureError(
-                f"the graph writes to {', '.join(self.written)} in place, which a CoreML program cannot do. "
-                "Make the update out of place (`x = x * 2`, not `x.mul_(2)`), move it out of the compiled "
-                "code, or call model.eval() if it is a training-time buffer update.")
+                f"the graph writes to {names} in place, which a CoreML program cannot do. Make the update out "
+                "of place (`x = x * 2`, not `x.mul_(2)`), move it out of the compiled code, or call model.eval() "
+                "if it is a training-time buffer update.")
         from anefx.api import compile as anefx_compile
 
         program = graph_with_outputs(self.gm, self.plan.program_nodes, inference=True)
@@ -216,16 +227,18 @@ class AnefxCompiledGraph:
             if self.plan.torch_nodes else None
         return ProgramCall(_runner(compiled), positions, torch_part, self.plan)
 
-    def _failure_message(self, exc: BaseException, args: Sequence[Any]) -> str:
+    def _failure_message(self, exc: BaseException, reason: str, args: Sequence[Any]) -> str:
         runtime = [a for a, s in zip(args, self.slots, strict=True) if s.kind != "state"]
         where = f"graph {self.number} ({describe_graph(self.gm)}; inputs {describe_inputs(runtime)})"
         path = write_debug_graph(f"graph-{self.number}", self.gm, exc, f"anefx could not compile {where}")
-        if isinstance(exc, AnefxError):
-            reason = shorten(str(exc), max_lines=9, width=800)
-        else:
-            reason = f"anefx failed ({short_reason(exc)}): a bug in anefx; please report it with the file below."
         saved = f"\nThe dynamo graph and the traceback: {path}" if path else ""
         return f'torch.compile(backend="anefx") could not compile {where}:\n{reason}{saved}'
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, AnefxError):
+        return shorten(str(exc), max_lines=9, width=800)
+    return f"anefx failed ({short_reason(exc)}): a bug in anefx; please report it with the file below."
 
 
 def _same_kind(exc: BaseException, message: str) -> AnefxError:

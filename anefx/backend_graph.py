@@ -58,9 +58,9 @@ def signature_key(args: Sequence[Any]) -> tuple:
                  for a in args)
 
 
-def written_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[str] | None:
-    """Names of the graph inputs the graph writes to in place (found by running it on fake copies of the
-    inputs and reading their version counters; nothing real runs). None when that run fails."""
+def written_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[int] | None:
+    """Positions of the graph inputs the graph writes to in place (found by running it on fake copies of
+    the inputs and reading their version counters; nothing real runs). None when that run fails."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=False)
@@ -71,13 +71,13 @@ def written_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[st
             gm.forward(*fakes)
     except Exception:  # noqa: BLE001 - unknown: the capture checks again
         return None
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return [describe_input(node) for node, f, v in zip(placeholders, fakes, before, strict=True)
+    return [i for i, (f, v) in enumerate(zip(fakes, before, strict=True))
             if isinstance(f, torch.Tensor) and f._version != v]
 
 
 def describe_input(node: fx.Node) -> str:
-    """The user's name of a graph input: L['x'] → x, L['self']._modules['lin']._buffers['n'] → self.lin.n."""
+    """The user's name of a graph input: L['x'] → x, L['self']._modules['lin']._buffers['n'] → self.lin.n
+    (read while dynamo's graph still carries its sources: dynamo drops them once the backend returns)."""
     source = getattr(node.meta.get("grapharg"), "source", None)
     name = source.name if source is not None else node.name
     for noise in ("._modules", "._parameters", "._buffers"):
