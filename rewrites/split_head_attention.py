@@ -18,7 +18,9 @@ Ops between the head split and the attention (rotary embeddings: multiplies by c
 rotate-half slices and concats) are replayed per head on the channel axis. Grouped-query attention
 (`repeat_kv`'s unsqueeze → expand → reshape, or SDPA's enable_gqa) indexes the shared K/V head
 h // n_rep instead of materialising copies. Boolean, additive, causal and padding masks are moved to
-(B, S_k, 1, S_q). Eager attention (q @ kᵀ · scale + mask → softmax → @ v) is matched too.
+(B, S_k, 1, S_q); where a mask can drop every key of a query, that query's output is 0, as SDPA's.
+Eager attention (q @ kᵀ · scale + mask → softmax → @ v) is matched too (a fully masked row stays NaN,
+as in torch).
 
 Why: the ANE runs small 4-D einsums/matmuls with softmax over the channel axis well; a rank-4
 (B, H, S, S) attention with softmax over the last axis, and the reshapes/transposes around it, are
@@ -107,7 +109,7 @@ def _attention_args(match: Match) -> dict:
         return {"q": args["q"], "k": args["k"], "v": args["v"], "mask": args.get("mask", node.kwargs.get("attn_mask")),
                 "dropout": args.get("dropout", node.kwargs.get("dropout_p", 0.0)),
                 "is_causal": args.get("is_causal", node.kwargs.get("is_causal", False)),
-                "scale": node.kwargs.get("scale"), "gqa": node.kwargs.get("enable_gqa", False)}
+                "scale": node.kwargs.get("scale"), "gqa": node.kwargs.get("enable_gqa", False), "sdpa": True}
     q, k, v = match.inputs[:3]
     scale = 1.0
     if match.pattern.meta["scale"] != "none":
@@ -116,7 +118,7 @@ def _attention_args(match: Match) -> dict:
         scale = float(factor) if match.pattern.meta["scale"] == "mul" else 1.0 / float(factor)
     mask = match.inputs[3] if match.pattern.meta["mask"] else None
     return {"q": q, "k": k, "v": v, "mask": mask, "dropout": 0.0, "is_causal": False, "scale": scale,
-            "gqa": False}
+            "gqa": False, "sdpa": False}
 
 
 def check(match: Match, ctx: Context) -> str | None:
@@ -229,6 +231,7 @@ class _Heads:
         keys = self._keys_transposed(k, kv_heads, d)  # (B, S_k, 1, d) per kv head
         values = [self.head(v, j) for j in range(v_heads)]
         masks = self._masks(a["mask"], a["is_causal"], heads, sq, sk)
+        kept = self._rows_kept(masks) if a["sdpa"] else []
         outputs = []
         for h in range(heads):
             q_h = self.op(aten.mul.Tensor, self.head(q, h), scale)  # (B, d, 1, S_q)
@@ -238,9 +241,28 @@ class _Heads:
                 w = self.op(aten.add.Tensor, w, mask)
             w = self.op(aten._softmax.default, w, 1, False)
             outputs.append(self.op(aten.einsum.default, "bkhq,bchk->bchq", [w, values[h // v_group]]))
+            if len(kept) > 1:
+                outputs[-1] = self._zero_unless(kept[h], outputs[-1])
         out = self.op(aten.cat.default, outputs, 1)  # (B, H·d, 1, S_q)
+        if len(kept) == 1:
+            out = self._zero_unless(kept[0], out)
         heads_view = self.op(aten.view.default, out, [b, heads, d, sq])  # (B, H, d, S_q)
         return self.op(aten.permute.default, heads_view, [0, 1, 3, 2])  # (B, H, S_q, d), cancels downstream
+
+    def _rows_kept(self, masks: list[fx.Node]) -> list[fx.Node]:
+        """SDPA returns 0 for a query whose keys are all masked, where softmax over −inf alone is NaN:
+        for masks that can drop a whole row, per mask whether each query keeps a key (B, 1, 1, S_q)."""
+        def can_drop_row(mask: fx.Node) -> bool:
+            value = constant_value(mask, self.ctx.ep)
+            return value is None or bool(torch.isneginf(value).all(dim=1).any())
+
+        if not any(can_drop_row(m) for m in masks):
+            return []
+        return [self.op(aten.gt.Scalar, self.op(aten.amax.default, m, [1], True), float("-inf")) for m in masks]
+
+    def _zero_unless(self, kept: fx.Node, x: fx.Node) -> fx.Node:
+        zero = add_constant(self.ctx.ep, "masked_row", torch.zeros((), dtype=x.meta["val"].dtype))
+        return self.op(aten.where.self, kept, x, zero)
 
     def _keys_transposed(self, k: fx.Node, kv_heads: int, d: int) -> list[fx.Node]:
         parts = [self.head(k, j) for j in range(kv_heads)]

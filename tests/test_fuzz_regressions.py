@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import anefx
@@ -58,3 +59,62 @@ def test_norm_then_flatten_reads_the_rewritten_norm(norm):
     assert graph["layer_norm"] == 0 and graph["anefx.layer_norm"] == 1 and graph["view"] == 0
     assert graph["reshape"] >= 1
     assert_equal_to_model(c, model, (x,), (torch.randn(2, 8, 16),))
+
+
+class MaskedSelfAttention(nn.Module):
+    """Two heads over (B, S, 16), SDPA with a mask input (boolean or additive)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, 2, 8).transpose(1, 2) for p in self.qkv)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, s, 16)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_sdpa_query_with_every_key_masked_gives_zeros(kind):
+    """torch's SDPA returns 0 for a query whose keys are all masked; the per-head softmax over only
+    −inf gave NaN there (found with random masks on a cross-attention of 4 keys). The rewrite now
+    zeroes such rows: one amax + compare per mask and one where per layer."""
+    keep = torch.rand(2, 1, 6, 6) > 0.4
+    keep[:, :, :, 0] = True
+    keep[0, 0, 2] = False  # query 2 of batch 0 sees no key
+    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    model, x = MaskedSelfAttention(), torch.randn(2, 6, 16)
+    expected = model(x, mask)
+    assert torch.equal(expected[0, 2], torch.zeros(16)) and torch.isfinite(expected).all()
+
+    c = compile_fp32(model, x, mask)
+
+    assert applied(c)["split_head_attention"] == "applied"
+    graph = ops(c.rewritten)
+    assert graph["scaled_dot_product_attention"] == 0 and graph["_softmax"] == 2
+    assert graph["amax"] == 1 and graph["gt"] == 1
+    assert graph["where"] == (2 if kind == "bool" else 1)  # (the boolean mask's own where: keep → 0, drop → −inf)
+    other = torch.rand(2, 1, 6, 6) > 0.7
+    other[1, 0, 4] = False
+    other_mask = other if kind == "bool" else torch.zeros(other.shape).masked_fill(~other, float("-inf"))
+    assert_equal_to_model(c, model, (x, mask), (torch.randn(2, 6, 16), other_mask))
+
+
+def test_eager_attention_with_every_key_masked_stays_nan_as_in_torch():
+    """Eager softmax(q·kᵀ + mask) over only −inf is NaN in torch: the rewrite keeps that (no zeroing)."""
+
+    class Eager(MaskedSelfAttention):
+        def forward(self, x, mask):
+            b, s, _ = x.shape
+            q, k, v = (p(x).view(b, s, 2, 8).transpose(1, 2) for p in self.qkv)
+            w = torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5 + mask, -1)
+            return (w @ v).transpose(1, 2).reshape(b, s, 16)
+
+    mask = torch.zeros(1, 1, 5, 5)
+    mask[0, 0, 3] = float("-inf")
+    model, x = Eager(), torch.randn(1, 5, 16)
+    c = compile_fp32(model, x, mask)
+    assert applied(c)["split_head_attention"] == "applied"
+    assert ops(c.rewritten)["where"] == 0
+    assert_equal_to_model(c, model, (x, mask))
+    assert torch.isnan(c.rewritten.module()(x, mask)[0, 3]).all()
