@@ -151,9 +151,11 @@ class ProgramCall:
     positions: list[int]  # graph inputs the program takes
     torch_part: fx.GraphModule | None
     plan: OutputPlan
+    shapes: list[torch.Size]  # of the program's outputs (CoreML returns a 0-d output as (1,))
 
     def __call__(self, args: Sequence[Any]) -> Any:
         program = pytree.tree_leaves(self.run(*[program_input(args[i]) for i in self.positions]))
+        program = [t if t.shape == s else t.reshape(s) for t, s in zip(program, self.shapes, strict=True)]
         computed = self.torch_part(*args) if self.torch_part is not None else ()
         return self.plan.assemble(program, computed)
 
@@ -225,7 +227,9 @@ class AnefxCompiledGraph:
         self.compiled[key] = compiled
         torch_part = graph_with_outputs(self.gm, self.plan.torch_nodes, inference=False) \
             if self.plan.torch_nodes else None
-        return ProgramCall(_runner(compiled), positions, torch_part, self.plan)
+        nodes = {n.name: n for n in compiled.rewritten.graph_module.graph.nodes}
+        shapes = [nodes[name].meta["val"].shape for name in compiled.rewritten.graph_signature.user_outputs]
+        return ProgramCall(_runner(compiled), positions, torch_part, self.plan, shapes)
 
     def _failure_message(self, exc: BaseException, reason: str, args: Sequence[Any]) -> str:
         runtime = [a for a, s in zip(args, self.slots, strict=True) if s.kind != "state"]
