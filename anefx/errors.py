@@ -98,7 +98,7 @@ def without_graphs(text: str) -> str:
 def _after_return(rest: str) -> str:
     """What follows a graph's return value: skip one balanced (…) group or one token."""
     rest = rest.lstrip()
-    depth, i = 0, 0
+    depth = 0
     for i, ch in enumerate(rest):
         if ch in "([{":
             depth += 1
