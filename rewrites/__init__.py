@@ -5,16 +5,19 @@ from rewrites import (
     layout_bc1s,
     linear_to_conv1x1,
     rmsnorm_to_layernorm,
+    sdpa_masked_rows,
     split_head_attention,
 )
 
 # Order matters: norms first (their patterns read the graph as exported), then projections, then
 # attention (it reads q/k/v through the projections' layout ops), the channel norms, and finally the
-# layout of everything in between, which removes the conversions the earlier rules left.
+# layout of everything in between, which removes the conversions the earlier rules left. An SDPA that
+# stays fused is guarded against fully masked rows (this one runs on every compute unit).
 RULES = [
     rmsnorm_to_layernorm.RULE,
     linear_to_conv1x1.RULE,
     split_head_attention.RULE,
+    sdpa_masked_rows.RULE,
     layernorm_channels.RULE,
     layout_bc1s.RULE,
 ]

@@ -118,3 +118,49 @@ def test_eager_attention_with_every_key_masked_stays_nan_as_in_torch():
     assert ops(c.rewritten)["where"] == 0
     assert_equal_to_model(c, model, (x, mask))
     assert torch.isnan(c.rewritten.module()(x, mask)[0, 3]).all()
+
+
+def _mask_with_dropped_query(kind: str, batch: int = 2) -> torch.Tensor:
+    keep = torch.rand(batch, 1, 6, 6) > 0.4
+    keep[:, :, :, 0] = True
+    keep[0, 0, 3] = False  # query 3 of batch 0 sees no key
+    return keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+
+
+@pytest.mark.parametrize(("kind", "options"), [("bool", {"attention": "sdpa"}),
+                                               ("additive", {"compute_units": "CPU_ONLY"})])
+def test_fused_sdpa_query_with_every_key_masked_gives_zeros(kind, options):
+    """A fused SDPA (attention="sdpa", or no Neural Engine) lowered by coremltools returned NaN for a
+    query whose keys are all masked, where torch returns 0 (found by the fuzzer once its masks could
+    drop whole rows). sdpa_masked_rows guards it: the fused op stays, its dropped rows are zeroed."""
+    model, x, mask = MaskedSelfAttention(), torch.randn(2, 6, 16), _mask_with_dropped_query(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = anefx.compile(model.eval(), (x, mask), precision="fp32", **options)
+    assert applied(c)["sdpa_masked_rows"] == "applied"
+    graph = ops(c.rewritten)
+    assert graph["scaled_dot_product_attention"] == 1 and graph["amax"] == 1 and graph["gt"] == 1
+    assert graph["where"] == (1 if kind == "bool" else 2) and graph["logical_or"] == (kind == "bool")
+    assert_equal_to_model(c, model, (x, mask), (torch.randn(2, 6, 16), _mask_with_dropped_query(kind)))
+
+
+@pytest.mark.parametrize("dropped", [False, True])
+def test_fused_sdpa_with_a_constant_mask_is_guarded_only_when_a_row_is_dropped(dropped):
+    class ConstantMask(MaskedSelfAttention):
+        def __init__(self, mask):
+            super().__init__()
+            self.register_buffer("mask", mask)
+
+        def forward(self, x):
+            return super().forward(x, self.mask)
+
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    if dropped:
+        mask[2] = False
+    model, x = ConstantMask(mask), torch.randn(1, 6, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = anefx.compile(model.eval(), (x,), precision="fp32", attention="sdpa")
+    assert applied(c)["sdpa_masked_rows"] == ("applied" if dropped else "no-match")
+    assert ops(c.rewritten)["where"] == int(dropped)
+    assert_equal_to_model(c, model, (x,), (torch.randn(1, 6, 16),))

@@ -29,6 +29,26 @@ class Activation(nn.Module):
         return self.name
 
 
+class Projection(nn.Module):
+    """A projection written as nn.Linear, x @ W (W stored (in, out)), or GPT-2's Conv1D (view, addmm, view)."""
+
+    def __init__(self, cin: int, cout: int, bias: bool, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.weight = nn.Parameter(torch.randn(cin, cout) / math.sqrt(cin))
+        self.bias = nn.Parameter(torch.randn(cout) * 0.1) if bias or kind == "conv1d" else None
+
+    def forward(self, x):
+        if self.kind == "conv1d":
+            out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+            return out.view(*x.shape[:-1], self.weight.shape[1])
+        y = x @ self.weight
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, {tuple(self.weight.shape)}, bias={self.bias is not None}"
+
+
 class Stack(nn.Module):
     """The body's blocks in order (handing them the model's extra inputs); `residual`: x + body(x)."""
 
@@ -170,6 +190,8 @@ class AttentionForm:
     bias: bool = True
     out_proj: bool = True
     memory: bool = False
+    qk_norm: bool = False  # Qwen3/OLMo2: RMSNorm over head_dim of q and k before the transpose
+    merge: str = "reshape"  # how heads merge back: reshape | contiguous_view
 
 
 class Attention(nn.Module):
@@ -183,6 +205,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(kv_shape[2], hk * d, bias=form.bias)
         self.v_proj = nn.Linear(kv_shape[2], hk * d, bias=form.bias)
         self.o_proj = nn.Linear(h * d, c, bias=form.bias) if form.out_proj else None
+        self.q_norm = nn.RMSNorm(d, eps=1e-6) if form.qk_norm else None
+        self.k_norm = nn.RMSNorm(d, eps=1e-6) if form.qk_norm else None
         self.register_buffer("mask", mask, persistent=False)
         angles = torch.arange(max(s, kv_shape[1]))[:, None] * torch.linspace(0.1, 1.0, d // 2)[None]
         self.register_buffer("cos", torch.cat([angles.cos()] * 2, -1), persistent=False)
@@ -194,8 +218,11 @@ class Attention(nn.Module):
         memory = inputs[0] if f.memory else x
         extra = inputs[-1] if inputs else None
         sk = memory.shape[1]
-        q = self.q_proj(x).view(b, s, f.heads, f.head_dim).transpose(1, 2)
-        k = self.k_proj(memory).view(b, sk, f.kv_heads, f.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, s, f.heads, f.head_dim)
+        k = self.k_proj(memory).view(b, sk, f.kv_heads, f.head_dim)
+        if f.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(memory).view(b, sk, f.kv_heads, f.head_dim).transpose(1, 2)
         if f.rotary != "none":
             q, k = self._rotate(q, s), self._rotate(k, sk)
@@ -215,7 +242,8 @@ class Attention(nn.Module):
             if mask is not None:
                 scores = scores + _additive(mask, scores.dtype)
             out = torch.softmax(scores, dim=-1) @ v
-        out = out.transpose(1, 2).reshape(b, s, f.heads * f.head_dim)
+        out = out.transpose(1, 2)
+        out = out.contiguous().view(b, s, -1) if f.merge == "contiguous_view" else out.reshape(b, s, -1)
         return self.o_proj(out) if self.o_proj is not None else out
 
     def _rotate(self, t, n):

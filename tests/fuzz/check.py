@@ -13,6 +13,7 @@ Anything else — another exception, a mismatch — propagates as a failure.
 
 from __future__ import annotations
 
+import gc
 import warnings
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ class Outcome:
 def check_case(case: FuzzCase) -> Outcome:
     state = model_state(case.model)
     example = case.inputs(0)
+    gc.freeze()  # coremltools' conversion ends with gc.collect(): let it scan only what compiling made
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -53,12 +55,15 @@ def check_case(case: FuzzCase) -> Outcome:
         message = str(exc)
         assert 0 < len(message.splitlines()) <= 15, f"{type(exc).__name__} message is not readable:\n{message}"
         return Outcome("refused", error=f"{type(exc).__name__}: {message}")
+    finally:
+        gc.unfreeze()
     assert_state_unchanged(case.model, state)
+    program = compiled.rewritten.module()
     for n in range(1 + FRESH_INPUTS):
         inputs = case.inputs(n)
         with torch.no_grad():
             expected = tensors(case.model(*inputs))
-            rewritten = tensors(compiled.rewritten.module()(*inputs))
+            rewritten = tensors(program(*inputs))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             lowered = tensors(compiled(*inputs))

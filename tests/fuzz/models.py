@@ -18,7 +18,17 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from tests.fuzz.blocks import Activation, Attention, AttentionForm, FuzzModel, LayerNorm, RMSForm, RMSNorm, Stack
+from tests.fuzz.blocks import (
+    Activation,
+    Attention,
+    AttentionForm,
+    FuzzModel,
+    LayerNorm,
+    Projection,
+    RMSForm,
+    RMSNorm,
+    Stack,
+)
 from tests.fuzz.tensor_blocks import (
     CatWith,
     HeadRoundTrip,
@@ -38,17 +48,21 @@ MAX_CHANNELS = 64
 @dataclass(frozen=True)
 class ExtraInput:
     """A model input besides the running tensor. kind: float | bool_mask | add_mask (fill: -inf,
-    min = finfo.min, or bias = random values). Every mask keeps key 0, so no row is fully masked."""
+    min = finfo.min, or bias = random values). A mask keeps key 0 in every row, except that with
+    `drop_row` the last query of the first batch entry sees no key at all."""
 
     shape: tuple[int, ...]
     kind: str = "float"
     fill: str = "-inf"
+    drop_row: bool = False
 
     def make(self, gen: torch.Generator) -> torch.Tensor:
         if self.kind == "float":
             return torch.randn(self.shape, generator=gen)
         keep = torch.rand(self.shape, generator=gen) > 0.3
         keep[..., 0] = True
+        if self.drop_row:
+            keep[(0,) * (keep.dim() - 2) + (-1,)] = False
         if self.kind == "bool_mask":
             return keep
         if self.fill == "bias":
@@ -94,8 +108,9 @@ def linear_chain(b: Builder, shape):
     n = b.draw(st.integers(1, 3))
     layers, c = [], shape[-1]
     for _ in range(n):
-        out = _channels(b.draw)
-        layers.append(nn.Linear(c, out, bias=b.draw(st.booleans())))
+        out, kind = _channels(b.draw), b.draw(st.sampled_from(("linear", "linear", "matmul", "conv1d")))
+        bias = b.draw(st.booleans())
+        layers.append(nn.Linear(c, out, bias=bias) if kind == "linear" else Projection(c, out, bias, kind))
         act = b.draw(st.sampled_from((None, *ACTS)))
         if act:
             layers.append(Activation(act))
@@ -146,7 +161,9 @@ def attention(b: Builder, shape):
         scale=b.draw(st.sampled_from(("default", "explicit") if impl == "sdpa" else ("default", "mul", "div"))),
         mask=mask, per_head_mask=b.draw(st.booleans()) and mask in ("const_add", "const_bool", "input_add"),
         rotary=b.draw(st.sampled_from(("none", "buffer", "computed"))), bias=b.draw(st.booleans()),
-        out_proj=b.draw(st.booleans()), memory=b.draw(st.sampled_from((False,) * 3 + (True,))))
+        out_proj=b.draw(st.booleans()), memory=b.draw(st.sampled_from((False,) * 3 + (True,))),
+        qk_norm=b.draw(st.sampled_from((False, False, True))),
+        merge=b.draw(st.sampled_from(("reshape", "contiguous_view"))))
     extra, kv_shape, const = (), shape, None
     if form.memory:
         kv_shape = (batch, b.draw(st.integers(1, 16)), _channels(b.draw))
@@ -154,8 +171,9 @@ def attention(b: Builder, shape):
     sk = kv_shape[1]
     if mask in ("const_add", "const_bool", "input_add", "input_bool", "padding"):
         m_shape = (batch, 1, 1, sk) if mask == "padding" else _mask_shape(b, batch, heads, s, sk, form.per_head_mask)
-        spec = ExtraInput(m_shape, "bool_mask" if mask in ("const_bool", "input_bool", "padding") else "add_mask",
-                          b.draw(st.sampled_from(("-inf", "min", "bias"))))
+        kind = "bool_mask" if mask in ("const_bool", "input_bool", "padding") else "add_mask"
+        spec = ExtraInput(m_shape, kind, b.draw(st.sampled_from(("-inf", "min", "bias"))),
+                          drop_row=b.draw(st.sampled_from((False, False, True))))
         if mask.startswith("const"):
             const = spec.make(torch.Generator().manual_seed(b.draw(st.integers(0, 99))))
         else:
