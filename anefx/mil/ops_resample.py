@@ -168,9 +168,12 @@ def crop_resize(ctx, x, roi=None, boxes=None, box_indices=None, target_height=1,
                 normalized_coordinates=False, spatial_scale=1.0, box_coordinate_mode="CORNERS_HEIGHT_FIRST",
                 sampling_mode="DEFAULT", pad_value=0.0):
     """Bilinear crops of boxes: iOS15/16 take `roi` (N, 1, 4 or 5, 1, 1), iOS17 `boxes` (N, 4) + `box_indices`."""
-    if sampling_mode not in ("ALIGN_CORNERS", "STRICT_ALIGN_CORNERS") or box_coordinate_mode not in _BOX_MODES:
-        raise ctx.error(f"crop_resize with sampling_mode {sampling_mode!r} is not run by the interpreter (the MIL "
-                        "reference defines how a box is sampled only for ALIGN_CORNERS and STRICT_ALIGN_CORNERS).")
+    if sampling_mode not in ("ALIGN_CORNERS", "STRICT_ALIGN_CORNERS"):
+        raise ctx.error(f"sampling_mode {sampling_mode!r} is not run by the interpreter: the MIL reference defines "
+                        "how a box is sampled only for ALIGN_CORNERS and STRICT_ALIGN_CORNERS. Convert with one "
+                        "of those (TensorFlow's crop_and_resize is ALIGN_CORNERS).")
+    if box_coordinate_mode not in _BOX_MODES:
+        raise ctx.error(f"unknown box_coordinate_mode {box_coordinate_mode!r}; MIL knows {', '.join(_BOX_MODES)}.")
     if roi is not None:
         flat = roi.reshape(roi.shape[0], -1)
         indices = flat[:, 0].astype(np.int64) if flat.shape[1] == 5 else None
