@@ -45,8 +45,8 @@ class Tolerance:
     that output. The scale is the output's typical magnitude, not its largest: one large element does
     not widen the tolerance of all the others.
 
-    For outputs in a low-precision dtype rtol is at least 4 ulps of that dtype (an exact rewrite that
-    reorders fp16 arithmetic moves results by an ulp or two)."""
+    For outputs in a low-precision dtype rtol and atol are at least 4 ulps of that dtype (an exact rewrite
+    that reorders fp16 arithmetic moves results by an ulp or two)."""
 
     rtol: float = 1e-4
     atol: float = 1e-5
@@ -54,6 +54,9 @@ class Tolerance:
 
     def rtol_for(self, dtype: torch.dtype) -> float:
         return max(self.rtol, 4 * torch.finfo(dtype).eps)
+
+    def atol_for(self, dtype: torch.dtype) -> float:
+        return max(self.atol, 4 * torch.finfo(dtype).eps)
 
 
 def run_pipeline(ep: ExportedProgram, rules: Sequence[Rule], example: tuple[tuple, dict], *,
@@ -199,7 +202,7 @@ def compare(actual: list[torch.Tensor], expected: list[torch.Tensor],
         if not (a.is_floating_point() or a.is_complex()):
             ok = ok and bool(torch.equal(a, b))
             continue
-        rtol = tolerance.rtol_for(b.dtype)
+        rtol, atol = tolerance.rtol_for(b.dtype), tolerance.atol_for(b.dtype)
         a, b = a.double(), b.double()
         finite = torch.isfinite(b)
         if not torch.equal(finite, torch.isfinite(a)) or not torch.equal(a[~finite].nan_to_num(0.0),
@@ -209,7 +212,7 @@ def compare(actual: list[torch.Tensor], expected: list[torch.Tensor],
             continue
         a, b = a[finite], b[finite]
         scale = max(1.0, float(b.abs().median()))
-        allowed = tolerance.atol * scale + rtol * b.abs()
+        allowed = atol * scale + rtol * b.abs()
         ratio = float(((a - b).abs() / allowed).max())
         worst = max(worst, ratio)
         ok = ok and ratio <= 1.0
