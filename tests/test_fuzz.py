@@ -126,7 +126,24 @@ RELU_PATTERNS = (Pattern("relu(neg(x))", lambda x: torch.relu(-x), lambda: (torc
 RELU_AS_ABS = Rule(name="relu_as_abs", summary="test rule: relu → (x + |x|) / 2, reading what the match reads",
                    patterns=lambda: RELU_PATTERNS, replace=_relu_as_abs)
 
-CHAIN_OPS = ("relu", "neg", "relu_twice", "residual", "square_of_relus", "scale")
+
+
+def _relu_transposed(match, ctx):
+    """relu(x) = clamp_min(x, 0) stored transposed: the same values, not contiguous (a copy of the
+    transpose, transposed back)."""
+    from anefx.graph import emit
+
+    def op(target, *args, **kwargs):
+        return emit(ctx.graph, target, args, kwargs, origin=match.output, rule=ctx.rule)
+
+    transposed = op(aten.permute.default, op(aten.clamp_min.default, match.inputs[0], 0.0), [1, 0])
+    stored = op(aten.clone.default, transposed, memory_format=torch.contiguous_format)
+    return op(aten.permute.default, stored, [1, 0])
+
+
+RELU_TRANSPOSED = Rule(name="relu_transposed", summary="test rule: relu → a transposed clamp (other strides)",
+                       patterns=lambda: RELU_PATTERNS[1:], replace=_relu_transposed)
+CHAIN_OPS = ("relu", "neg", "relu_twice", "residual", "square_of_relus", "scale", "flatten")
 
 
 class Chain(torch.nn.Module):
@@ -146,23 +163,29 @@ class Chain(torch.nn.Module):
                 x = x + torch.relu(x)
             elif step == "square_of_relus":  # two matches reading the same input
                 x = torch.relu(x) * torch.relu(-x) + torch.relu(x)
+            elif step == "flatten":  # exported as views, which need a contiguous input
+                x = x.reshape(-1).reshape(x.shape[0], -1)
             else:
                 x = x * 1.5 - 0.25
         return x
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, database=None)
+@pytest.mark.parametrize("rule", [RELU_AS_ABS, RELU_TRANSPOSED], ids=lambda r: r.name)
+@settings(max_examples=15, deadline=None, derandomize=True, database=None)
 @given(st.lists(st.sampled_from(CHAIN_OPS), min_size=1, max_size=12))
-def test_apply_rule_chained_and_adjacent_matches(steps):
+def test_apply_rule_chained_and_adjacent_matches(rule, steps):
+    """Every relu is rewritten, each replacement reading the current value of its input, the graph in
+    order, and a view after a replacement laid out otherwise (relu_transposed) still runs."""
     model = Chain(steps)
     x = torch.randn(3, 8)
     ep = torch.export.export(model, (x,)).run_decompositions({})
     relus = sum(1 for n in ep.graph_module.graph.nodes if n.target is aten.relu.default)
 
-    result = apply_rule(RELU_AS_ABS, ep)
+    result = apply_rule(rule, ep)
 
     graph_ops = [n.target for n in ep.graph_module.graph.nodes if n.op == "call_function"]
     assert result.matches == relus  # every relu, alone or as relu(neg(x)), is one match
-    assert aten.relu.default not in graph_ops and graph_ops.count(aten.abs.default) == relus
+    marker = aten.abs.default if rule is RELU_AS_ABS else aten.clamp_min.default
+    assert aten.relu.default not in graph_ops and graph_ops.count(marker) == relus
     for fresh in (x, torch.randn(3, 8)):
         torch.testing.assert_close(ep.module()(fresh), model(fresh), rtol=0, atol=0)
