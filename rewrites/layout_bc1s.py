@@ -188,8 +188,8 @@ def run(ctx: Context) -> tuple[int, list[Refusal]]:
         for user in outside:
             user.replace_input_with(node, back)
     graph.eliminate_dead_code()
-    simplify_layout_chains(graph, ctx.rule)
-    return len(body), refusals
+    shortened = simplify_layout_chains(graph, ctx.rule)  # also between ops with no body in between
+    return len(body) + shortened, refusals
 
 
 def _after(node: fx.Node) -> fx.Node:

@@ -164,3 +164,17 @@ def test_fused_sdpa_with_a_constant_mask_is_guarded_only_when_a_row_is_dropped(d
     assert applied(c)["sdpa_masked_rows"] == ("applied" if dropped else "no-match")
     assert ops(c.rewritten)["where"] == int(dropped)
     assert_equal_to_model(c, model, (x,), (torch.randn(1, 6, 16),))
+
+
+def test_projection_feeding_projection():
+    """The issue: one projection feeding another failed with 'Argument linear of Node permute_default_2
+    was used before it has been defined' (a match read the output of a match already rewritten). Also:
+    layout_bc1s reported no-match when it only shortened the layout chains between the convolutions,
+    so the pipeline dropped its work and a transpose pair stayed between them."""
+    model, x = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)), torch.randn(1, 8, 16)
+    c = compile_fp32(model, x)
+    assert applied(c)["linear_to_conv1x1"] == "applied" and applied(c)["layout_bc1s"] == "applied"
+    graph = ops(c.rewritten)
+    assert graph["convolution"] == 2 and graph["linear"] == 0
+    assert graph["permute"] == 2  # into (B, C, 1, S) once and back once: nothing between the convolutions
+    assert_equal_to_model(c, model, (x,), (torch.randn(1, 8, 16),))
