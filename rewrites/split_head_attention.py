@@ -216,9 +216,9 @@ class _Heads:
             return arg
         if not is_constant(arg, self.ctx.ep):
             return self.head(arg, h)
-        rank = len(shape(arg))  # a broadcast constant (cos/sin tables): its head-h entry, physical
-        if rank == 4 and shape(arg)[1] > 1:
-            arg = self.op(aten.slice.Tensor, arg, 1, h, h + 1)
+        dims = shape(arg)  # a broadcast constant (cos/sin tables, biases): its head-h entry, physical
+        if len(dims) >= 3 and dims[-3] > 1:  # it has a head axis: (…, H, S, d), right-aligned
+            arg = self.op(aten.slice.Tensor, arg, len(dims) - 3, h, h + 1)
         return to_physical(self.ctx.graph, arg, HEAD, origin=self.origin, rule=self.ctx.rule)
 
     # -- the per-head attention ------------------------------------------------------------------

@@ -178,3 +178,30 @@ def test_projection_feeding_projection():
     assert graph["convolution"] == 2 and graph["linear"] == 0
     assert graph["permute"] == 2  # into (B, C, 1, S) once and back once: nothing between the convolutions
     assert_equal_to_model(c, model, (x,), (torch.randn(1, 8, 16),))
+
+
+class BiasedQueries(nn.Module):
+    """q + a constant with a head axis, right-aligned to (B, H, S, d), before SDPA."""
+
+    def __init__(self, bias_shape: tuple[int, ...]):
+        super().__init__()
+        self.qkv = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.bias = nn.Parameter(torch.randn(bias_shape))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, 2, 8).transpose(1, 2) for p in self.qkv)
+        return F.scaled_dot_product_attention(q + self.bias, k, v).transpose(1, 2).reshape(b, s, 16)
+
+
+@pytest.mark.parametrize("bias_shape", [(2, 1, 8), (2, 6, 8), (2, 6, 1), (1, 2, 6, 8), (6, 8)])
+def test_query_plus_a_constant_with_a_head_axis(bias_shape):
+    """A constant of rank 3 with a head axis ((H, S, d) against q's (B, H, S, d)) was moved to the head
+    layout whole, not per head: 'shape [1, 2, 8, 6] is invalid for input of size 192' (RuleError).
+    Each head now adds its own slice of it."""
+    model, x = BiasedQueries(bias_shape), torch.randn(1, 6, 16)
+    c = compile_fp32(model, x)
+    assert applied(c)["split_head_attention"] == "applied"
+    graph = ops(c.rewritten)
+    assert graph["scaled_dot_product_attention"] == 0 and graph["_softmax"] == 2 and graph["einsum"] == 4
+    assert_equal_to_model(c, model, (x,), (torch.randn(1, 6, 16),))

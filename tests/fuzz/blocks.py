@@ -192,6 +192,7 @@ class AttentionForm:
     memory: bool = False
     qk_norm: bool = False  # Qwen3/OLMo2: RMSNorm over head_dim of q and k before the transpose
     merge: str = "reshape"  # how heads merge back: reshape | contiguous_view
+    q_bias: tuple[int, ...] = ()  # shape of a constant added to q after the head split (right-aligned)
 
 
 class Attention(nn.Module):
@@ -205,6 +206,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(kv_shape[2], hk * d, bias=form.bias)
         self.v_proj = nn.Linear(kv_shape[2], hk * d, bias=form.bias)
         self.o_proj = nn.Linear(h * d, c, bias=form.bias) if form.out_proj else None
+        self.q_bias = nn.Parameter(torch.randn(form.q_bias)) if form.q_bias else None
         self.q_norm = nn.RMSNorm(d, eps=1e-6) if form.qk_norm else None
         self.k_norm = nn.RMSNorm(d, eps=1e-6) if form.qk_norm else None
         self.register_buffer("mask", mask, persistent=False)
@@ -223,6 +225,8 @@ class Attention(nn.Module):
         if f.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if self.q_bias is not None:
+            q = q + self.q_bias
         v = self.v_proj(memory).view(b, sk, f.kv_heads, f.head_dim).transpose(1, 2)
         if f.rotary != "none":
             q, k = self._rotate(q, s), self._rotate(k, sk)

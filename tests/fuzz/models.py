@@ -164,6 +164,9 @@ def attention(b: Builder, shape):
         out_proj=b.draw(st.booleans()), memory=b.draw(st.sampled_from((False,) * 3 + (True,))),
         qk_norm=b.draw(st.sampled_from((False, False, True))),
         merge=b.draw(st.sampled_from(("reshape", "contiguous_view"))))
+    q_bias = b.draw(st.sampled_from(((), (), (heads, 1, form.head_dim), (heads, s, form.head_dim), (form.head_dim,),
+                                     (1, heads, s, 1), (s, form.head_dim))))
+    form = AttentionForm(**{**form.__dict__, "q_bias": q_bias})
     extra, kv_shape, const = (), shape, None
     if form.memory:
         kv_shape = (batch, b.draw(st.integers(1, 16)), _channels(b.draw))
