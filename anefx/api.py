@@ -13,6 +13,7 @@ from anefx.capture import capture
 from anefx.compiled import CompiledModel
 from anefx.errors import OptionError, UnknownRuleError
 from anefx.lower import NEURAL_ENGINE_UNITS, check_options, lower
+from anefx.mlpackage import program_weights_sha256
 from anefx.package_check import CHECKS, report
 from anefx.pipeline import Tolerance, run_pipeline
 from anefx.progress import Progress, reporter
@@ -42,7 +43,8 @@ def compile(model: torch.nn.Module, example_args: Any, example_kwargs: dict | No
         compiled = _compiled(cap, rewritten, mlmodel, records, snapshots, chosen,
                              compute_units=compute_units, deployment_target=deployment_target, precision=precision,
                              verify=verify, attention=attention, package_check=package_check)
-        if package_check != "skip":
+        compiled.weights_sha256 = program_weights_sha256(cap.exported)  # what was lowered, even if the
+        if package_check != "skip":                                      # model changes before save
             say(f"check the package ({precision}, MIL interpreter)")
             compiled.package_check = compiled.check_package()
     if compiled.package_check is not None:

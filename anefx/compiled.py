@@ -45,6 +45,7 @@ class CompiledModel:
     _binding: InputBinding | None = None
     _runners: dict[str, Any] = field(default_factory=dict, repr=False)
     package_check: PackageCheck | None = None  # the lowered program run on the example (anefx.package_check)
+    weights_sha256: str = ""  # fingerprint of the weights compiled (taken at compile time; recorded by save)
 
     def save(self, path: str | Path) -> Path:
         """Write the .mlpackage (the suffix is added when missing), atomically: a package already there is
@@ -54,7 +55,7 @@ class CompiledModel:
         from anefx.mlpackage import anefx_metadata, stamp_metadata
 
         metadata = anefx_metadata(self.exported, self.input_names, self.output_names,
-                                  self.options.get("precision", "fp16"))
+                                  self.options.get("precision", "fp16"), self.weights_sha256 or None)
 
         def write(staged: Path) -> None:
             self.mlmodel.save(str(staged))

@@ -113,11 +113,12 @@ def program_weights_sha256(exported: Any) -> str:
 
 
 def anefx_metadata(exported: Any, input_names: list[str], output_names: list[str],
-                   precision: str) -> dict[str, str]:
-    """What `CompiledModel.save` records in the package, next to coremltools' own entries."""
+                   precision: str, weights: str | None = None) -> dict[str, str]:
+    """What `CompiledModel.save` records in the package, next to coremltools' own entries. `weights`:
+    the fingerprint taken when the program was compiled (computed from `exported` when not given)."""
     from anefx import __version__
 
-    return {VERSION_KEY: __version__, WEIGHTS_KEY: program_weights_sha256(exported),
+    return {VERSION_KEY: __version__, WEIGHTS_KEY: weights or program_weights_sha256(exported),
             INPUTS_KEY: ",".join(input_names), OUTPUTS_KEY: ",".join(output_names), PRECISION_KEY: precision}
 
 

@@ -287,3 +287,15 @@ def test_numpy_outputs_are_torch_tensors_of_the_model_dtype():
     out = c(X)
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
     assert not isinstance(out, np.ndarray)
+
+
+def test_the_fingerprint_is_of_the_weights_compiled_even_if_the_model_changes_before_save(tmp_path):
+    from anefx.mlpackage import WEIGHTS_KEY, module_weights_sha256, package_metadata
+
+    model = MLP().eval()
+    compiled_weights = module_weights_sha256(model)
+    c = _compile(model, (X,), package_check="skip")
+    with torch.no_grad():
+        model.fc1.weight.add_(1.0)  # the user edits the model after compiling
+    saved = c.save(tmp_path / "mlp.mlpackage")
+    assert package_metadata(saved)[WEIGHTS_KEY] == compiled_weights != module_weights_sha256(model)
