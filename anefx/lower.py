@@ -208,8 +208,9 @@ def _input_type(ct, name: str, node) -> Any:
 
 
 def lowering_message(exc: BaseException, ep: ExportedProgram) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else type(exc).__name__
+    from anefx.errors import short_reason
+
+    first = short_reason(exc)
     unsupported = [n for n in ep.graph_module.graph.nodes
                    if n.op == "call_function" and _op_key(n) in first]
     where = ""
@@ -217,8 +218,8 @@ def lowering_message(exc: BaseException, ep: ExportedProgram) -> str:
         from anefx.graph import module_path
 
         node = unsupported[0]
-        where = f" (node {node.name} from {module_path(node) or 'the top-level module'})"
-    return (f"coremltools could not lower the program: {first}{where}. Rewrite that operation in the "
+        where = f" node {node.name} (from {module_path(node) or 'the top-level module'})"
+    return (f"coremltools could not lower{where or ' the program'}: {first}. Rewrite that operation in the "
             "model, or report it to anefx with the model's config so a rule can handle it.")
 
 
