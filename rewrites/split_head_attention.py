@@ -40,9 +40,11 @@ import operator
 import torch
 import torch.fx as fx
 
+import anefx.ops  # noqa: F401 - defines torch.ops.anefx.layer_norm (per-head qk-norm)
 from anefx.graph import add_constant, constant_value, emit, is_constant, shape
 from anefx.layout import BC1S, HEAD, simplify_layout_chains, to_physical
 from anefx.rule import Context, Match, Pattern, Rule
+from rewrites.attention_sources import index_split, is_row_chain, row_chain_ok
 
 aten = torch.ops.aten
 F = torch.nn.functional
@@ -158,6 +160,8 @@ class _Heads:
         self.ctx, self.origin = ctx, origin
         self.memo: dict[tuple[fx.Node, int], fx.Node] = {}
         self.physical: dict[fx.Node, fx.Node] = {}
+        self.splits: dict[tuple, object] = {}
+        self.sources: dict[tuple, fx.Node] = {}
 
     def op(self, target, *args, **kwargs) -> fx.Node:
         return emit(self.ctx.graph, target, args, kwargs, origin=self.origin, rule=self.ctx.rule)
@@ -169,8 +173,12 @@ class _Heads:
             self._walk(_strip_repeat(a[name])[0])
 
     def _walk(self, node: fx.Node) -> None:
-        if _head_split(node) is not None:
+        if _head_split(node) is not None or self._split(node) is not None or self._is_rows(node):
             return
+        if isinstance(node, fx.Node) and node.target is aten.transpose.int and len(shape(node)) == 4:
+            why = row_chain_ok(node.args[0], lambda n: is_constant(n, self.ctx.ep))
+            raise Unfollowable(f"q/k/v are computed per token before the head split by '{node.args[0].name}' "
+                               f"({why}); only per-head ops on the head's last axis (norms, scales) are replayed")
         if isinstance(node, fx.Node) and node.op == "call_function":
             if node.target in IDENTITY:
                 return self._walk(node.args[0])
@@ -200,6 +208,10 @@ class _Heads:
             if x not in self.physical:
                 self.physical[x] = to_physical(self.ctx.graph, x, BC1S, origin=self.origin, rule=self.ctx.rule)
             return self.op(aten.slice.Tensor, self.physical[x], 1, h * d, (h + 1) * d)  # (B, d, 1, S)
+        if (split := self._split(node)) is not None:
+            return self.op(aten.slice.Tensor, self._source(split), 1, split.offsets[h], split.offsets[h] + split.d)
+        if self._is_rows(node):
+            return self._row(node.args[0], h)
         if node.target in IDENTITY:
             return self.head(node.args[0], h)
         if node.target is aten.cat.default:
@@ -210,6 +222,53 @@ class _Heads:
             return self.op(aten.slice.Tensor, self.head(node.args[0], h), dim, *node.args[2:])
         args = [self._operand(a, h) for a in node.args]
         return self.op(node.target, *args, **node.kwargs)
+
+    def _split(self, node, rows: bool = False):
+        key = (node, rows)
+        if key not in self.splits:
+            self.splits[key] = index_split(node, rows)
+        return self.splits[key]
+
+    def _is_rows(self, node) -> bool:
+        return is_row_chain(node, lambda n: is_constant(n, self.ctx.ep))
+
+    def _source(self, split) -> fx.Node:
+        """The (B, C, 1, S) tensor a split slices: its source permuted (and unsqueezed), built once."""
+        key = (split.source, split.perm)
+        if key not in self.sources:
+            node = split.source
+            if split.perm != tuple(range(len(split.perm))):
+                node = self.op(aten.permute.default, node, list(split.perm))
+            self.sources[key] = self.op(aten.unsqueeze.default, node, 2) if len(split.perm) == 3 else node
+        return self.sources[key]
+
+    def _row(self, node: fx.Node, h: int) -> fx.Node:
+        """Head h of a (B, S, H, d) per-head op (qk-norm) on its (B, d, 1, S) slice: the last axis is 1."""
+        key = (node, -1 - h)
+        if key in self.memo:
+            return self.memo[key]
+        if (split := self._split(node, rows=True)) is not None:
+            out = self.op(aten.slice.Tensor, self._source(split), 1, split.offsets[h], split.offsets[h] + split.d)
+        elif node.target is aten.layer_norm.default:
+            x, _, weight, bias, eps = (*node.args, *(None, None, 1e-5)[len(node.args) - 2:])[:5]
+            out = self.op(torch.ops.anefx.layer_norm.default, self._row(x, h), 1, weight, bias, float(eps))
+        elif node.target is aten.cat.default:
+            out = self.op(aten.cat.default, [self._row_operand(p, h) for p in node.args[0]], 1)
+        elif node.target is aten.slice.Tensor:
+            out = self.op(aten.slice.Tensor, self._row(node.args[0], h), 1, *node.args[2:])
+        elif node.target is aten.mean.dim:
+            out = self.op(aten.mean.dim, self._row(node.args[0], h), [1], True)
+        else:
+            out = self.op(node.target, *[self._row_operand(a, h) for a in node.args], **node.kwargs)
+        self.memo[key] = out
+        return out
+
+    def _row_operand(self, arg, h: int):
+        if not isinstance(arg, fx.Node):
+            return arg
+        if not is_constant(arg, self.ctx.ep):
+            return self._row(arg, h)
+        return self.op(aten.view.default, arg, [1, shape(arg)[-1] if shape(arg) else 1, 1, 1])  # (…, d) → (1, d, 1, 1)
 
     def _operand(self, arg, h: int):
         if not isinstance(arg, fx.Node):
