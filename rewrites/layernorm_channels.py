@@ -19,7 +19,10 @@ Why: on the ANE, LayerNorm over the channel axis of (B, C, 1, S) is native; over
 (B, S, C) it normalises the padded axis. coremltools fuses a hand-written channel norm only in one
 exact form, so anefx emits its own op with a converter to `layer_norm(axes=[1])`.
 
-Refuses: a norm over more than one axis; inputs that are not rank 3.
+A channels-last LayerNorm (ConvNeXt: over C of (B, H, W, C), after a permute of a (B, C, H, W) tensor)
+becomes the same channel norm over axis 1 of (B, C, H, W); the permutes around it cancel.
+
+Refuses: a norm over more than one axis; inputs that are not rank 3 or 4.
 """
 
 from __future__ import annotations
@@ -55,17 +58,24 @@ def check(match: Match, ctx: Context) -> str | None:
     node = match.find(aten.layer_norm.default)
     if len(node.args[1]) != 1:
         return f"layer_norm over {len(node.args[1])} axes; only one axis maps to channels"
-    if len(shape(match.inputs[0])) != 3:
-        return f"input of rank {len(shape(match.inputs[0]))}: only (B, S, C) inputs are moved to channels"
+    if len(shape(match.inputs[0])) not in (3, 4):
+        return (f"input of rank {len(shape(match.inputs[0]))}: only (B, S, C) and channels-last (B, H, W, C) "
+                "inputs are moved to channels")
     return None
 
 
 def replace(match: Match, ctx: Context) -> fx.Node:
     node = match.find(aten.layer_norm.default)
     x, _, weight, bias, eps = (list(node.args) + [None, None, 1e-5])[:5]
-    physical = to_physical(ctx.graph, x, BC1S, origin=node, rule=ctx.rule)  # (B, C, 1, S)
+    channels_last = len(shape(x)) == 4
+    if channels_last:  # (B, H, W, C) → (B, C, H, W): cancels against the permute that made it
+        physical = emit(ctx.graph, aten.permute.default, (x, [0, 3, 1, 2]), origin=node, rule=ctx.rule)
+    else:
+        physical = to_physical(ctx.graph, x, BC1S, origin=node, rule=ctx.rule)  # (B, C, 1, S)
     normed = emit(ctx.graph, torch.ops.anefx.layer_norm.default, (physical, 1, weight, bias, float(eps)),
                   origin=node, rule=ctx.rule)
+    if channels_last:
+        return emit(ctx.graph, aten.permute.default, (normed, [0, 2, 3, 1]), origin=node, rule=ctx.rule)
     return from_bc1s(ctx.graph, normed, origin=node, rule=ctx.rule)  # (B, S, C)
 
 

@@ -188,8 +188,66 @@ def run(ctx: Context) -> tuple[int, list[Refusal]]:
         for user in outside:
             user.replace_input_with(node, back)
     graph.eliminate_dead_code()
+    sunk = sink_channels_last(ctx)
     shortened = simplify_layout_chains(graph, ctx.rule)  # also between ops with no body in between
-    return len(body) + shortened, refusals
+    return len(body) + sunk + shortened, refusals
+
+
+CHANNELS_LAST = [0, 2, 3, 1]  # (B, C, H, W) → (B, H, W, C)
+FROM_CHANNELS_LAST = [0, 3, 1, 2]
+
+
+def _channels_last_source(arg) -> fx.Node | None:
+    """x when arg = permute(x, [0, 2, 3, 1]) read only by one op: that op can run on x instead."""
+    if (isinstance(arg, fx.Node) and arg.target is aten.permute.default and list(arg.args[1]) == CHANNELS_LAST
+            and len(arg.users) == 1):
+        return arg.args[0]
+    return None
+
+
+def _sinkable(node: fx.Node, ctx: Context) -> bool:
+    """An elementwise op on channels-last permutes of (B, C, H, W) tensors and constants (γ, scalars)."""
+    if node.op != "call_function" or node.target not in ELEMENTWISE or node.target is aten._to_copy.default:
+        return False
+    if not isinstance(node.meta.get("val"), torch.Tensor) or node.meta["val"].dim() != 4:
+        return False
+    inputs = node.all_input_nodes
+    permuted = [a for a in inputs if _channels_last_source(a) is not None]
+    return bool(permuted) and all(a in permuted or (is_constant(a, ctx.ep) and len(shape(a)) <= 4)
+                                  for a in inputs)
+
+
+def sink_channels_last(ctx: Context) -> int:
+    """Channels-last elementwise ops (ConvNeXt's GELU and γ scale between its 1×1 convolutions) run on the
+    (B, C, H, W) tensors the permutes came from; the permute moves after them and cancels with the next."""
+    graph, sunk = ctx.graph, 0
+    for node in list(graph.nodes):
+        if node._erased or not _sinkable(node, ctx):
+            continue
+
+        def operand(arg, node=node):
+            if not isinstance(arg, fx.Node):
+                return arg
+            source = _channels_last_source(arg)
+            if source is not None:
+                return source
+            if len(shape(arg)) == 0:
+                return arg
+            aligned = arg if len(shape(arg)) == 4 else \
+                emit(graph, aten.view.default, (arg, [1] * (4 - len(shape(arg))) + list(shape(arg))),
+                     origin=node, rule=ctx.rule)
+            return emit(graph, aten.permute.default, (aligned, FROM_CHANNELS_LAST), origin=node, rule=ctx.rule)
+
+        with graph.inserting_before(node):
+            kwargs = {k: v for k, v in node.kwargs.items() if k != "memory_format"}
+            moved = emit(graph, node.target, tuple(operand(a) for a in node.args), kwargs, origin=node,
+                         rule=ctx.rule)
+            back = emit(graph, aten.permute.default, (moved, CHANNELS_LAST), origin=node, rule=ctx.rule)
+        node.replace_all_uses_with(back)
+        graph.erase_node(node)
+        sunk += 1
+    graph.eliminate_dead_code()
+    return sunk
 
 
 def _after(node: fx.Node) -> fx.Node:

@@ -12,7 +12,10 @@ After::
     y4 = aten.convolution(x4, w4, b, ...)       # (B, O, 1, S)
     y  = aten.permute(aten.squeeze(y4, [2]), [0, 2, 1])   # (B, S, O)
 
-2-D inputs (N, I) take the same path with N as the sequence axis. GPT-2's `Conv1D`
+2-D inputs (N, I) become (N, I, 1, 1) (unit axes only, no transpose or reshape: plain coremltools keeps a
+rank-2 linear without layout ops, and so does this); after a flatten of a (B, C, 1, 1) CNN feature map the
+views cancel. Channels-last inputs (B, H, W, I) (ConvNeXt, after a permute of (B, C, H, W)) run as a
+convolution on (B, I, H, W); the permutes cancel. GPT-2's `Conv1D`
 (`view → addmm(b, x, W) → view` with W of shape (I, O)) and `x @ W` with a constant W become the same
 convolution, the weight viewed through a permute.
 
@@ -21,7 +24,7 @@ something slower, and (B, S, C) puts the small channel axis last where the ANE p
 The permutes it introduces are removed by the layout rule; on their own they are cheap.
 
 Refuses: a weight that is not a constant (activation @ activation is attention, not a projection);
-inputs that are not 2-D or 3-D; addmm with non-default alpha/beta.
+inputs that are not 2-D, 3-D or 4-D; addmm with non-default alpha/beta.
 """
 
 from __future__ import annotations
@@ -91,8 +94,10 @@ def check(match: Match, ctx: Context) -> str | None:
         return "bias is not a constant"
     if len(shape(w)) != 2:
         return f"weight has rank {len(shape(w))}, expected 2"
-    if len(shape(x)) not in (2, 3):
-        return f"input has rank {len(shape(x))}: only 2-D and 3-D inputs are rewritten"
+    if len(shape(x)) not in (2, 3, 4):
+        return f"input has rank {len(shape(x))}: only 2-D, 3-D and channels-last 4-D inputs are rewritten"
+    if len(shape(x)) == 4 and match.pattern.name.startswith("Conv1D"):
+        return "Conv1D on a rank-4 input: only nn.Linear / x @ W on (B, H, W, C) are rewritten"
     addmm = match.find(aten.addmm.default)
     if addmm is not None and (addmm.kwargs.get("beta", 1) != 1 or addmm.kwargs.get("alpha", 1) != 1):
         return "addmm with alpha/beta other than 1"
@@ -116,20 +121,30 @@ def replace(match: Match, ctx: Context) -> fx.Node:
     O, I = shape(w)
     w4 = op(aten.view.default, w, [O, I, 1, 1]) if w.meta["val"].is_contiguous() else \
         op(aten.unsqueeze.default, op(aten.unsqueeze.default, w, 2), 3)  # (O, I, 1, 1)
-    rank = len(shape(x))
-    if rank == 3:
-        x4 = op(aten.unsqueeze.default, op(aten.permute.default, x, [0, 2, 1]), 2)  # (B, I, 1, S)
-    else:
-        xt = op(aten.permute.default, x, [1, 0])  # (I, N)
-        x4 = op(aten.unsqueeze.default, op(aten.unsqueeze.default, xt, 0), 2)  # (1, I, 1, N)
-    y4 = op(aten.convolution.default, x4, w4, bias, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)  # (B, O, 1, S)
-    if rank == 3:
-        y = op(aten.permute.default, op(aten.squeeze.dims, y4, [2]), [0, 2, 1])  # (B, S, O)
-    else:
-        y = op(aten.permute.default, op(aten.view.default, y4, [O, shape(x)[0]]), [1, 0])  # (N, O)
+    y4 = op(aten.convolution.default, _to_nchw(x, op), w4, bias, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    y = _from_nchw(y4, len(shape(x)), op)
     if tuple(shape(y)) != shape(out):
         y = op(aten.view.default, y, list(shape(out)))  # the pattern's own closing view (Conv1D, matmul)
     return y
+
+
+def _to_nchw(x: fx.Node, op) -> fx.Node:
+    """The conv input: (B, S, I) → (B, I, 1, S); (N, I) → (N, I, 1, 1) (unit axes only: no copy, no reshape);
+    channels-last (B, H, W, I) → (B, I, H, W), which cancels against the permute that made it."""
+    rank = len(shape(x))
+    if rank == 3:
+        return op(aten.unsqueeze.default, op(aten.permute.default, x, [0, 2, 1]), 2)
+    if rank == 2:
+        return op(aten.unsqueeze.default, op(aten.unsqueeze.default, x, 2), 3)
+    return op(aten.permute.default, x, [0, 3, 1, 2])
+
+
+def _from_nchw(y4: fx.Node, rank: int, op) -> fx.Node:
+    if rank == 3:
+        return op(aten.permute.default, op(aten.squeeze.dims, y4, [2]), [0, 2, 1])  # (B, S, O)
+    if rank == 2:
+        return op(aten.squeeze.dims, y4, [2, 3])  # (N, O)
+    return op(aten.permute.default, y4, [0, 2, 3, 1])  # (B, H, W, O)
 
 
 RULE = Rule(

@@ -122,14 +122,31 @@ class Linear4D(torch.nn.Module):
         return self.proj(x)
 
 
-def test_refuses_rank_4_inputs_with_reason():
-    x = torch.randn(1, 2, 5, 16)
+def test_channels_last_rank_4_becomes_conv_on_channels_first():
+    x = torch.randn(1, 2, 5, 16)  # (B, H, W, C)
+    model = Linear4D().eval()
+    _, after, records = rewrite(model, (x,), [RULE])
+    assert records[-1].matches == 1 and ops(after)["convolution"] == 1 and ops(after)["linear"] == 0
+    torch.testing.assert_close(after.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_rank_5_inputs_with_reason():
+    x = torch.randn(1, 2, 3, 5, 16)
     model = Linear4D().eval()
     _, after, records = rewrite(model, (x,), [RULE])
     assert records[-1].matches == 0
-    assert records[-1].refusals[0].reason == "input has rank 4: only 2-D and 3-D inputs are rewritten"
+    assert records[-1].refusals[0].reason == \
+        "input has rank 5: only 2-D, 3-D and channels-last 4-D inputs are rewritten"
     assert records[-1].refusals[0].where == "proj"
     torch.testing.assert_close(after.module()(x), model(x))
+
+
+def test_rank_2_projection_adds_no_transpose_or_reshape(tmp_path):
+    model = Linear().eval()
+    c = anefx.compile(model, (torch.randn(4, 16),), progress=False, package_check="skip")
+    types = [r.type for r in saved_ops(c, tmp_path)]
+    assert types.count("conv") == 2 and types.count("linear") == 0
+    assert types.count("transpose") == 0 and types.count("reshape") == 0, types
 
 
 def test_lowered_program_has_convs_and_no_linear(tmp_path):
