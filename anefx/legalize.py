@@ -12,6 +12,13 @@
   which coremltools lowers.
 - Reductions over the whole tensor (`x.sum()`, `x.mean()`, `x.max()`, `x.min()`) name their axes:
   coremltools' transpose-folding pass fails on a reduction without axes behind a layout change.
+- `torch.where` with a Python number (`where(mask, bias, finfo.min)` in T5's relative attention bias) takes
+  that number as a 0-d constant tensor of the result's dtype: coremltools lowers only the tensor form.
+- Pooling ops get the arguments their schema leaves to defaults written out (`F.max_pool2d(x, 2)`: stride =
+  kernel size, padding 0, dilation 1, ceil_mode False): coremltools' converter indexes them.
+- A transformers MoE whose experts implementation routes tokens with data-dependent ops (the default
+  `grouped_mm`: `histc` and a grouped matmul over per-expert token counts) is refused with the setting that
+  converts (`experts_implementation="batched_mm"`: every token gathers its top-k experts' weights).
 - Empty tensors leave `aten.cat` (an empty KV cache's first update, `cat([empty, k], -2)`, as dynamo
   records HF's DynamicCache): they add nothing, and a rank-1 empty tensor cannot be lowered or split
   per head.
@@ -28,6 +35,7 @@ import torch.fx as fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
+from anefx.errors import LoweringError
 from anefx.graph import add_constant, constant_value, copy_provenance, emit, finish
 
 aten = torch.ops.aten
@@ -41,6 +49,7 @@ def legalize(ep: ExportedProgram) -> Counter:
     """Apply the fixes in place; returns what was done, e.g. {'folded': 3, 'alias': 1}."""
     done: Counter = Counter()
     graph = ep.graph_module.graph
+    _check_experts(graph)
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -66,6 +75,11 @@ def legalize(ep: ExportedProgram) -> Counter:
         elif node.target in FULL_REDUCTIONS and _rank(node.args[0]) > 0:
             _name_axes(node)
             done["reduction_axes"] += 1
+        elif node.target in SCALAR_WHERE:
+            _where_tensor_form(ep, node)
+            done["where_scalar"] += 1
+        elif node.target in POOLING and _write_defaults(node):
+            done["pool_defaults"] += 1
     done["folded"] = fold_constants(ep)
     finish(ep)
     return +done
@@ -97,6 +111,78 @@ def _name_axes(node: fx.Node) -> None:
                    origin=node, rule="legalize")
     node.replace_all_uses_with(new)
     node.graph.erase_node(node)
+
+
+SCALAR_WHERE = (aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar)
+
+
+def _where_tensor_form(ep: ExportedProgram, node: fx.Node) -> None:
+    """where(c, x, 2.0) → where(c, x, tensor(2.0)): each number becomes a 0-d constant of the result's dtype
+    (the dtype torch computes the result in), so the value and its rounding are those of the number form."""
+    dtype = node.meta["val"].dtype
+    args = list(node.args)
+    with node.graph.inserting_before(node):
+        for i in (1, 2):
+            if not isinstance(args[i], fx.Node):
+                const = add_constant(ep, f"_where_{node.name}", torch.tensor(args[i], dtype=dtype))
+                copy_provenance(const, node, "legalize")
+                args[i] = const
+        new = emit(node.graph, aten.where.self, tuple(args), origin=node, rule="legalize")
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
+
+
+POOLING = {getattr(aten, f"{kind}_pool{d}d").default for kind in ("max", "avg") for d in (1, 2, 3)} \
+    | {getattr(aten, f"max_pool{d}d_with_indices").default for d in (2, 3)}
+
+
+def _write_defaults(node: fx.Node) -> bool:
+    """Every positional argument of the schema written out (a keyword one moved into place, a left-out one
+    given its default), and an empty stride (the schema's 'same as kernel_size') as the kernel size."""
+    schema = node.target._schema
+    positional = [a for a in schema.arguments if not a.kwarg_only]
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for arg in positional[len(args):]:
+        if arg.name not in kwargs and not arg.has_default_value():
+            return False
+        args.append(kwargs.pop(arg.name) if arg.name in kwargs else arg.default_value)
+    names = [a.name for a in positional]
+    stride = names.index("stride")
+    if not args[stride]:
+        args[stride] = list(args[names.index("kernel_size")])
+    if tuple(args) == tuple(node.args) and kwargs == dict(node.kwargs):
+        return False
+    node.args, node.kwargs = tuple(args), kwargs
+    return True
+
+
+class ExpertsImplementationError(LoweringError):
+    """A mixture-of-experts layer routes tokens with data-dependent ops that CoreML cannot lower."""
+
+
+ROUTING_OPS = ("histc", "bincount", "nonzero", "grouped_mm")
+STATIC_EXPERTS = "batched_mm"
+
+
+def _check_experts(graph: fx.Graph) -> None:
+    """Refuse a transformers experts module whose implementation routes with data-dependent ops, naming
+    the implementation that exports as static gathers and batched matmuls (checked in tests/test_zoo_families.py)."""
+    for node in graph.nodes:
+        if node.op != "call_function" or not any(op in str(node.target) for op in ROUTING_OPS):
+            continue
+        experts = [(path, kind) for path, kind in (node.meta.get("nn_module_stack") or {}).values()
+                   if str(kind).rsplit(".", 1)[-1].endswith("Experts")]
+        if not experts:
+            continue
+        path, kind = experts[-1]
+        op = str(node.target).split(".")[-2]
+        raise ExpertsImplementationError(
+            f"{path} ({str(kind).rsplit('.', 1)[-1]}) runs a transformers experts implementation that routes "
+            f"tokens with data-dependent ops ({op}), which CoreML cannot lower.\n"
+            f"Build the model with the {STATIC_EXPERTS!r} implementation, which converts: "
+            f"from_pretrained(..., experts_implementation={STATIC_EXPERTS!r}), or the config's keyword "
+            f"experts_implementation={STATIC_EXPERTS!r}, or model.set_experts_implementation({STATIC_EXPERTS!r}) "
+            "before anefx.compile.")
 
 
 def _drop_empty(cat: fx.Node) -> bool:
