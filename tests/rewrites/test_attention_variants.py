@@ -1,0 +1,132 @@
+"""split_head_attention on the attention variants real models use: per-head qk-norm (Qwen3), a fused QKV
+projection split by view + split/getitem (GPT-NeoX), nn.MultiheadAttention — each as a small torch module
+and as the HF model from a tiny config (random weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import anefx
+from tests.helpers import ane_summary, ops, program, tensors
+
+B, S, H, D = 1, 12, 4, 8
+C = H * D
+
+
+class QKNormAttention(torch.nn.Module):
+    """Qwen3's attention: RMSNorm of each head of q and k (over d, on (B, S, H, d)) before the transpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(C, C) for _ in range(4))
+        self.q_norm, self.k_norm = torch.nn.RMSNorm(D, eps=1e-6), torch.nn.RMSNorm(D, eps=1e-6)
+        with torch.no_grad():
+            self.q_norm.weight.uniform_(0.5, 1.5)
+            self.k_norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        q = self.q_norm(self.q(x).view(B, S, H, D)).transpose(1, 2)
+        k = self.k_norm(self.k(x).view(B, S, H, D)).transpose(1, 2)
+        v = self.v(x).view(B, S, H, D).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(out.transpose(1, 2).reshape(B, S, C))
+
+
+class FusedQKVAttention(torch.nn.Module):
+    """GPT-NeoX's attention: one projection to (B, S, H, 3·d), split per head into q, k, v."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = torch.nn.Linear(C, 3 * C), torch.nn.Linear(C, C)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(B, S, H, 3 * D).transpose(1, 2).split(D, -1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(out.transpose(1, 2).reshape(B, S, C))
+
+
+class MultiheadAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = torch.nn.MultiheadAttention(C, H, batch_first=True)
+
+    def forward(self, x):
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def assert_split_per_head(model, args, tmp_path, heads, rtol=1e-4, atol=1e-5):
+    """The rule applies, the rewritten graph equals the model, the program has one softmax per head over
+    axis 1, no rank-5 tensor, and no more layout ops than plain coremltools."""
+    c = anefx.compile(model, args, progress=False, package_check="skip")
+    record = next(p for p in c.passes if p.name == "split_head_attention")
+    assert record.status == "applied" and record.refusals == [], record
+    assert ops(c.rewritten)["scaled_dot_product_attention"] == 0
+    with torch.no_grad():
+        expected, actual = tensors(model(*args)), tensors(c.rewritten.module()(*args))
+    torch.testing.assert_close(actual[0], expected[0], rtol=rtol, atol=atol)
+    s = ane_summary(program(c, tmp_path / "anefx"))
+    assert s["softmax_axes"] == {1: heads} and s["types"]["scaled_dot_product_attention"] == 0
+    assert s["max_rank"] <= 4
+    (tmp_path / "plain").mkdir()
+    plain = ane_summary(program(anefx.compile(model, args, rules=[], progress=False, package_check="skip"),
+                                tmp_path / "plain"))
+    assert s["layout_ops"] <= plain["layout_ops"], (s["layout_ops"], plain["layout_ops"])
+    return c, s
+
+
+def test_qk_norm_is_replayed_per_head_on_the_channel_axis(tmp_path):
+    torch.manual_seed(0)
+    c, s = assert_split_per_head(QKNormAttention().eval(), (torch.randn(B, S, C),), tmp_path, H)
+    assert s["types"]["layer_norm"] == 2 * H  # each head's q and k normalised over its d channels
+
+
+def test_fused_qkv_projection_is_sliced_per_head(tmp_path):
+    torch.manual_seed(0)
+    c, s = assert_split_per_head(FusedQKVAttention().eval(), (torch.randn(B, S, C),), tmp_path, H)
+    assert s["types"]["conv"] == 2  # the fused projection stays one convolution
+
+
+def test_nn_multihead_attention_batch_first(tmp_path):
+    torch.manual_seed(0)
+    assert_split_per_head(MultiheadAttention().eval(), (torch.randn(B, S, C),), tmp_path, H)
+
+
+def test_a_norm_over_heads_before_the_split_is_refused_with_the_reason():
+    class NormOverHeads(QKNormAttention):
+        def forward(self, x):
+            q = F.layer_norm(self.q(x).view(B, S, H, D), (H, D)).transpose(1, 2)  # mixes the heads
+            k, v = self.k(x).view(B, S, H, D).transpose(1, 2), self.v(x).view(B, S, H, D).transpose(1, 2)
+            return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, S, C))
+
+    model, x = NormOverHeads().eval(), torch.randn(B, S, C)
+    c = anefx.compile(model, (x,), progress=False, package_check="skip")
+    record = next(p for p in c.passes if p.name == "split_head_attention")
+    assert record.matches == 0
+    reason = record.refusals[0].reason
+    assert "before the head split" in reason and "per-head ops on the head's last axis" in reason
+    assert "a norm over more than the head's last axis" in reason and "aten." not in reason
+    torch.testing.assert_close(c.rewritten.module()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def hf_decoder(config_name: str, model_name: str, **config):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config_name)(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_attention_heads=4,
+                                              max_position_embeddings=64, **config)
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    return getattr(transformers, model_name)(cfg).eval(), (ids,)
+
+
+def test_hf_qwen3_qk_norm_and_grouped_kv(tmp_path):
+    model, args = hf_decoder("Qwen3Config", "Qwen3ForCausalLM", num_key_value_heads=2, head_dim=8)
+    c, s = assert_split_per_head(model, args, tmp_path, 4)
+    assert s["types"]["tile"] == 0 and s["types"]["expand_dims"] <= 2  # K/V shared, never repeated
+
+
+@pytest.mark.slow
+def test_hf_gpt_neox_fused_qkv(tmp_path):
+    model, args = hf_decoder("GPTNeoXConfig", "GPTNeoXForCausalLM")
+    assert_split_per_head(model, args, tmp_path, 4)
