@@ -191,3 +191,58 @@ def _leading(index: torch.Tensor, perm: tuple[int, ...], count: int) -> torch.Te
 
 def counted_layout_ops(graph: fx.Graph) -> int:
     return sum(1 for n in graph.nodes if n.op == "call_function" and n.target in COUNTED)
+
+
+@dataclass(frozen=True)
+class LayoutCost:
+    """What the saved MIL program will hold, predicted from the graph: transposes + reshapes, max rank."""
+
+    layout_ops: int
+    max_rank: int
+
+    def worse_than(self, plain: LayoutCost) -> bool:
+        """More layout ops, or a rank above both the plain program's and the ANE's 4."""
+        return self.layout_ops > plain.layout_ops or self.max_rank > max(plain.max_rank, 4)
+
+    def __str__(self) -> str:
+        return f"{self.layout_ops} transposes/reshapes, rank {self.max_rank}"
+
+
+def predicted_layout_cost(ep) -> LayoutCost:
+    """The layout cost coremltools' lowering of `ep` will have: a permute / transpose becomes a transpose and
+    a view / reshape a reshape, except on constants (folded), identities (removed) and one view straight
+    after another (merged). Squeezes and unsqueezes are free (squeeze / expand_dims)."""
+    from anefx.graph import is_constant
+
+    memo: dict = {}
+    layout_ops, max_rank = 0, 0
+    for node in ep.graph_module.graph.nodes:
+        if node.op != "call_function" or is_constant(node, ep, memo):
+            continue
+        max_rank = max(max_rank, _rank(node.meta.get("val")))
+        if node.target in COUNTED and not _free_layout_op(node):
+            layout_ops += 1
+    return LayoutCost(layout_ops, max_rank)
+
+
+RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+
+
+def _free_layout_op(node: fx.Node) -> bool:
+    source = node.args[0]
+    if not isinstance(source, fx.Node) or "val" not in source.meta:
+        return False
+    if node.target in (aten.permute.default, aten.transpose.int, aten.t.default):
+        return len(shape(source)) < 2 or (node.target is aten.permute.default
+                                           and list(node.args[1]) == sorted(node.args[1]))
+    if shape(node) == shape(source):
+        return True
+    return source.target in RESHAPES and len(source.users) == 1  # merged with the reshape before it
+
+
+def _rank(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.dim()
+    if isinstance(value, list | tuple):
+        return max((_rank(v) for v in value), default=0)
+    return 0

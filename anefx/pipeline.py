@@ -92,7 +92,33 @@ def run_pipeline(ep: ExportedProgram, rules: Sequence[Rule], example: tuple[tupl
             current = candidate
         records.append(record)
         snapshots.append((rule.name, current))
-    return current, records, snapshots
+    return never_worse_layout(records, snapshots), records, snapshots
+
+
+def never_worse_layout(records: list[PassRecord], snapshots: list[tuple[str, ExportedProgram]]) -> ExportedProgram:
+    """The last stage's program, unless its predicted layout cost (anefx.layout.predicted_layout_cost) is worse
+    than the legalized program's (what plain coremltools lowers): then the program of the last stage that is
+    not worse, and the rules after it are marked rolled back with the figures (records and snapshots in place)."""
+    from anefx.layout import predicted_layout_cost
+
+    names = [name for name, _ in snapshots]
+    start = names.index("legalize")
+    plain = predicted_layout_cost(snapshots[start][1])
+    final = predicted_layout_cost(snapshots[-1][1])
+    if not final.worse_than(plain):
+        return snapshots[-1][1]
+    keep = next(i for i in range(len(snapshots) - 1, start - 1, -1)
+                if not predicted_layout_cost(snapshots[i][1]).worse_than(plain))
+    kept = snapshots[keep][1]
+    for i in range(keep + 1, len(snapshots)):
+        record = records[i - start]
+        if record.status == "applied":
+            record.status = "rolled-back"
+            record.detail = (f"the rewritten program would have {final} where plain coremltools has {plain} "
+                             f"(predicted); rule not applied: anefx is never worse than plain")
+            log.warning("anefx: rule %s rolled back: %s", record.name, record.detail)
+        snapshots[i] = (snapshots[i][0], kept)
+    return kept
 
 
 def _verify(candidate: ExportedProgram, inputs: list, expected: list, tolerance: Tolerance,

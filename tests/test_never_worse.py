@@ -1,0 +1,169 @@
+"""Never worse than plain: on every model anefx's saved program has no more transposes + reshapes than the
+plain lowering (`rules=[]`), no rank above max(plain's, 4), and computes what the model computes. The layout
+cost model the pipeline's guard uses is checked against the real saved programs here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import anefx
+from anefx.layout import LayoutCost, predicted_layout_cost
+from anefx.rule import Rule
+from anefx.zoo import FAMILIES, build
+from tests.helpers import ane_summary, assert_outputs_close, program
+
+aten = torch.ops.aten
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 64), torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class CNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1))
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+class ChannelsLastBlock(torch.nn.Module):
+    """ConvNeXt's block: dwconv → (B, H, W, C) → LayerNorm → Linear → GELU → Linear → γ → (B, C, H, W) + x."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.dw = torch.nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm, self.up, self.down = torch.nn.LayerNorm(c), torch.nn.Linear(c, 4 * c), torch.nn.Linear(4 * c, c)
+        self.gamma = torch.nn.Parameter(torch.rand(c))
+
+    def forward(self, x):
+        h = self.dw(x).permute(0, 2, 3, 1)
+        h = self.gamma * self.down(torch.nn.functional.gelu(self.up(self.norm(h))))
+        return x + h.permute(0, 3, 1, 2)
+
+
+def _images(batch=1):
+    return (torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
+
+
+def _hf(cls, config, **kw):
+    def make():
+        import transformers as tf
+
+        return getattr(tf, cls)(getattr(tf, config)(**kw)), _images(), {}
+    return make
+
+
+def _tokens(seq, batch=1):
+    return torch.randint(0, 1000, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+def _llama_step():
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return tf.LlamaForCausalLM(config), (_tokens(1),), {"use_cache": False}
+
+
+def _bert_batch_2():
+    import transformers as tf
+
+    config = tf.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=128)
+    return tf.BertModel(config), (_tokens(16, 2),), {}
+
+
+CASES = {
+    "mlp rank 2": lambda: (MLP(), (torch.randn(4, 32),), {}),
+    "cnn with head, batch 2": lambda: (CNN(), (torch.randn(2, 3, 16, 16),), {}),
+    "channels-last block": lambda: (ChannelsLastBlock(), (torch.randn(1, 16, 8, 8),), {}),
+    "llama S=1": _llama_step,
+    "bert batch 2": _bert_batch_2,
+    "resnet classifier": _hf("ResNetForImageClassification", "ResNetConfig", embedding_size=16,
+                             hidden_sizes=[16, 32], depths=[1, 1], num_labels=10),
+    "mobilenet_v2 classifier": _hf("MobileNetV2ForImageClassification", "MobileNetV2Config", image_size=32,
+                                   depth_multiplier=0.25, num_labels=10),
+    "convnext classifier": _hf("ConvNextForImageClassification", "ConvNextConfig", hidden_sizes=[16, 32],
+                               depths=[1, 1], num_stages=2, num_labels=10),
+}
+DEFAULT_RUN = {"mlp rank 2", "cnn with head, batch 2", "channels-last block", "llama S=1"}
+
+
+def _cases():
+    for name in CASES:
+        yield pytest.param(CASES[name], id=name, marks=() if name in DEFAULT_RUN else pytest.mark.slow)
+    for name in FAMILIES:
+        yield pytest.param(lambda name=name: build(name), id=f"zoo {name}", marks=pytest.mark.slow)
+
+
+def _saved_cost(c, path) -> LayoutCost:
+    summary = ane_summary(program(c, path))
+    return LayoutCost(summary["layout_ops"], summary["max_rank"])
+
+
+@pytest.mark.parametrize("make", _cases())
+def test_anefx_program_is_never_worse_than_plain(make, tmp_path):
+    model, args, kwargs = make()
+    model.eval()
+    plain = anefx.compile(model, args, kwargs, rules=[], progress=False, package_check="skip")
+    c = anefx.compile(model, args, kwargs, progress=False, package_check="skip")
+    plain_cost, cost = _saved_cost(plain, tmp_path / "plain"), _saved_cost(c, tmp_path / "anefx")
+    assert cost.layout_ops <= plain_cost.layout_ops, (cost, plain_cost, c.passes)
+    assert cost.max_rank <= max(plain_cost.max_rank, 4), (cost, plain_cost)
+    # the guard's prediction is what coremltools really emits, for both programs
+    assert predicted_layout_cost(plain.rewritten) == plain_cost
+    assert predicted_layout_cost(c.rewritten) == cost
+    tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}  # constants are baked in
+    with torch.no_grad():
+        assert_outputs_close(c.rewritten.module()(*args, **tensors), model(*args, **kwargs), rtol=1e-4, atol=1e-4)
+
+
+def _transposed_relu(ctx):
+    """A deliberately bad rule: every relu runs between two transposes (exact, but two layout ops more)."""
+    count = 0
+    for node in [n for n in ctx.graph.nodes if n.target is aten.relu.default]:
+        with ctx.graph.inserting_before(node):
+            inner = ctx.graph.call_function(aten.transpose.int, (node.args[0], 0, 1))
+            node.replace_input_with(node.args[0], inner)
+        with ctx.graph.inserting_after(node):
+            outer = ctx.graph.call_function(aten.transpose.int, (node, 0, 1))
+        node.replace_all_uses_with(outer, delete_user_cb=lambda user, outer=outer: user is not outer)
+        for new in (inner, outer):
+            new.meta["val"] = new.target(new.args[0].meta["val"], 0, 1)
+        count += 1
+    return count, []
+
+
+TRANSPOSED_RELU = Rule(name="transposed_relu", summary="relu between two transposes (a test rule)",
+                       run=_transposed_relu)
+
+
+def test_guard_rolls_back_a_rule_that_adds_layout_ops_and_says_why(tmp_path):
+    model, x = MLP().eval(), torch.randn(4, 32)
+    c = anefx.compile(model, (x,), rules=[TRANSPOSED_RELU], progress=False, package_check="skip")
+    record = next(p for p in c.passes if p.name == "transposed_relu")
+    assert record.status == "rolled-back"
+    assert "2 transposes/reshapes" in record.detail and "plain coremltools has 0" in record.detail
+    assert _saved_cost(c, tmp_path) == LayoutCost(0, 2)
+    torch.testing.assert_close(c.rewritten.module()(x), model(x))
+
+
+def test_guard_keeps_the_rules_before_the_one_that_made_it_worse(tmp_path):
+    model, x = MLP().eval(), torch.randn(4, 32)
+    conv_rule = next(r for r in anefx.default_rules() if r.name == "linear_to_conv1x1")
+    c = anefx.compile(model, (x,), rules=[conv_rule, TRANSPOSED_RELU], progress=False, package_check="skip")
+    assert [(p.name, p.status) for p in c.passes[1:]] == [("linear_to_conv1x1", "applied"),
+                                                          ("transposed_relu", "rolled-back")]
+    types = ane_summary(program(c, tmp_path))["types"]
+    assert types["conv"] == 2 and types["linear"] == 0 and types["transpose"] == 0
