@@ -80,6 +80,16 @@ def _eager(scale_op: str, mask: bool):
     return fn
 
 
+def _softcapped(clone: bool, dtype: bool):
+    """Gemma2's eager attention: scores soft-capped (tanh(s / cap) · cap) before the mask and softmax."""
+    def fn(q, k, v, mask):
+        scores = torch.tanh(torch.matmul(q, k.transpose(2, 3)) * 0.25 / 50.0) * 50.0 + mask
+        weights = torch.softmax(scores, -1, dtype=torch.float32) if dtype else torch.softmax(scores, -1)
+        return torch.matmul(weights.clone() if clone else weights, v)
+
+    return fn
+
+
 @functools.cache
 def patterns() -> list[Pattern]:
     def qkv():  # distinct tensors: export would merge one tensor passed three times
@@ -99,6 +109,11 @@ def patterns() -> list[Pattern]:
             found.append(Pattern(f"eager, scale {scale_op}, {'mask' if with_mask else 'no mask'}",
                                  _eager(scale_op, with_mask), (lambda m=with_mask: (*qkv(), mask) if m else qkv()),
                                  meta={"kind": "eager", "scale": scale_op, "mask": with_mask}))
+    for clone, dtype in itertools.product((True, False), repeat=2):
+        found.append(Pattern(f"eager, soft-capped scores{', float32 softmax' if dtype else ''}"
+                             f"{', dropout in eval' if clone else ''}", _softcapped(clone, dtype),
+                             lambda: (*qkv(), mask), meta={"kind": "eager", "scale": "mul", "mask": True,
+                                                           "softcap": True}))
     return found
 
 
@@ -119,8 +134,12 @@ def _attention_args(match: Match) -> dict:
         factor = op.args[1]
         scale = float(factor) if match.pattern.meta["scale"] == "mul" else 1.0 / float(factor)
     mask = match.inputs[3] if match.pattern.meta["mask"] else None
+    softcap = None
+    if match.pattern.meta.get("softcap"):  # tanh(mul(scores, scale) / cap) · cap
+        capped = match.find(aten.div.Tensor)
+        softcap, scale = float(capped.args[1]), float(capped.args[0].args[1])
     return {"q": q, "k": k, "v": v, "mask": mask, "dropout": 0.0, "is_causal": False, "scale": scale,
-            "gqa": False, "sdpa": False}
+            "gqa": False, "sdpa": False, "softcap": softcap}
 
 
 def check(match: Match, ctx: Context) -> str | None:
@@ -295,6 +314,9 @@ class _Heads:
         for h in range(heads):
             q_h = self.op(aten.mul.Tensor, self.head(q, h), scale)  # (B, d, 1, S_q)
             w = self.op(aten.einsum.default, "bchq,bkhc->bkhq", [q_h, keys[h // group]])  # (B, S_k, 1, S_q)
+            if a.get("softcap"):  # Gemma2: tanh(s / cap) · cap
+                w = self.op(aten.mul.Tensor, self.op(aten.tanh.default, self.op(aten.div.Tensor, w, a["softcap"])),
+                            a["softcap"])
             mask = masks[h] if len(masks) > 1 else (masks[0] if masks else None)
             if mask is not None:
                 w = self.op(aten.add.Tensor, w, mask)

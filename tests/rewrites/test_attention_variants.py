@@ -130,3 +130,38 @@ def test_hf_qwen3_qk_norm_and_grouped_kv(tmp_path):
 def test_hf_gpt_neox_fused_qkv(tmp_path):
     model, args = hf_decoder("GPTNeoXConfig", "GPTNeoXForCausalLM")
     assert_split_per_head(model, args, tmp_path, 4)
+
+
+class SoftcappedAttention(torch.nn.Module):
+    """Gemma2's eager attention: tanh(s / cap) · cap on the scores, a sliding-window causal mask."""
+
+    def __init__(self, window=4, cap=3.0):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(C, C) for _ in range(4))
+        i = torch.arange(S)
+        keep = (i[None] <= i[:, None]) & (i[:, None] - i[None] < window)
+        self.register_buffer("mask", torch.zeros(S, S).masked_fill(~keep, float("-inf"))[None, None],
+                             persistent=False)
+        self.cap = cap
+
+    def forward(self, x):
+        q, k, v = (p(x).view(B, S, H, D).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scores = torch.tanh(torch.matmul(q, k.transpose(2, 3)) * D ** -0.5 / self.cap) * self.cap + self.mask
+        weights = F.dropout(torch.softmax(scores, -1, dtype=torch.float32), 0.1, training=self.training)
+        return self.o(torch.matmul(weights, v).transpose(1, 2).reshape(B, S, C))
+
+
+def test_soft_capped_scores_and_sliding_window(tmp_path):
+    torch.manual_seed(0)
+    model = SoftcappedAttention().eval()
+    x = 4 * torch.randn(B, S, C)  # large scores: the cap matters
+    c, s = assert_split_per_head(model, (x,), tmp_path, H)
+    assert s["types"]["tanh"] == H
+    assert ops(c.rewritten)["tanh"] == H  # the cap on each head's scores, not dropped
+
+
+@pytest.mark.slow
+def test_hf_gemma2_softcap_sliding_window(tmp_path):
+    model, args = hf_decoder("Gemma2Config", "Gemma2ForCausalLM", num_key_value_heads=2, head_dim=8,
+                             sliding_window=4)
+    assert_split_per_head(model, args, tmp_path, 4)
