@@ -44,7 +44,7 @@ import anefx.ops  # noqa: F401 - defines torch.ops.anefx.layer_norm (per-head qk
 from anefx.graph import add_constant, constant_value, emit, is_constant, shape
 from anefx.layout import BC1S, HEAD, simplify_layout_chains, to_physical
 from anefx.rule import Context, Match, Pattern, Rule
-from rewrites.attention_sources import index_split, is_row_chain, row_chain_ok
+from rewrites.attention_sources import index_split, is_row_chain, read_scores, row_chain_ok, weights_times_values
 
 aten = torch.ops.aten
 F = torch.nn.functional
@@ -114,6 +114,11 @@ def patterns() -> list[Pattern]:
                              f"{', dropout in eval' if clone else ''}", _softcapped(clone, dtype),
                              lambda: (*qkv(), mask), meta={"kind": "eager", "scale": "mul", "mask": True,
                                                            "softcap": True}))
+    for matmul, clone, dtype in itertools.product((True, False), repeat=3):  # last: any other eager attention
+        found.append(Pattern(f"softmax(scores) @ v ({'matmul' if matmul else 'bmm'}{', clone' * clone}"
+                             f"{', float32' * dtype})", weights_times_values(matmul, clone, dtype),
+                             lambda m=matmul: (torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 8)) if m else
+                             (torch.randn(8, 4, 4), torch.randn(8, 4, 8)), meta={"kind": "scores"}))
     return found
 
 
@@ -127,6 +132,11 @@ def _attention_args(match: Match) -> dict:
                 "dropout": args.get("dropout", node.kwargs.get("dropout_p", 0.0)),
                 "is_causal": args.get("is_causal", node.kwargs.get("is_causal", False)),
                 "scale": node.kwargs.get("scale"), "gqa": node.kwargs.get("enable_gqa", False), "sdpa": True}
+    if match.pattern.meta["kind"] == "scores":
+        scores = read_scores(match.inputs[0])
+        if isinstance(scores, str):
+            return {"unsplit": scores}
+        return scores | {"v": match.inputs[1], "dropout": 0.0, "is_causal": False, "gqa": False, "sdpa": False}
     q, k, v = match.inputs[:3]
     scale = 1.0
     if match.pattern.meta["scale"] != "none":
@@ -144,6 +154,8 @@ def _attention_args(match: Match) -> dict:
 
 def check(match: Match, ctx: Context) -> str | None:
     a = _attention_args(match)
+    if "unsplit" in a:
+        return f"attention left fused: {a['unsplit']}"
     for name in ("q", "k", "v"):
         if not isinstance(a[name], fx.Node) or len(shape(a[name])) != 4:
             return f"{name} is not a rank-4 (B, H, S, d) tensor"

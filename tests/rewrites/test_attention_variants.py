@@ -165,3 +165,66 @@ def test_hf_gemma2_softcap_sliding_window(tmp_path):
     model, args = hf_decoder("Gemma2Config", "Gemma2ForCausalLM", num_key_value_heads=2, head_dim=8,
                              sliding_window=4)
     assert_split_per_head(model, args, tmp_path, 4)
+
+
+class BiasedEagerAttention(torch.nn.Module):
+    """T5 / relative-position style: q @ kᵀ + a learned per-head bias, float32 softmax, dropout (eval)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(C, C) for _ in range(4))
+        self.relative = torch.nn.Embedding(2 * S, H)
+
+    def forward(self, x):
+        q, k, v = (p(x).view(B, S, H, D).transpose(1, 2) for p in (self.q, self.k, self.v))
+        i = torch.arange(S, device=x.device)
+        bias = self.relative(i[None] - i[:, None] + S).permute(2, 0, 1)[None]  # (1, H, S, S)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * D ** -0.5 + bias
+        weights = F.dropout(torch.softmax(scores, -1, dtype=torch.float32), 0.1, training=self.training)
+        return self.o(torch.matmul(weights, v).transpose(1, 2).reshape(B, S, C))
+
+
+def test_additive_per_head_bias_with_float32_softmax_and_dropout(tmp_path):
+    torch.manual_seed(0)
+    c, s = assert_split_per_head(BiasedEagerAttention().eval(), (torch.randn(B, S, C),), tmp_path, H)
+    assert s["types"]["einsum"] == 2 * H
+
+
+class AlibiAttention(torch.nn.Module):
+    """Bloom's attention: baddbmm(alibi, q, kᵀ) on (B·H, S, d): left fused, with a reason."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = torch.nn.Linear(C, 3 * C), torch.nn.Linear(C, C)
+        self.register_buffer("alibi", torch.randn(B * H, 1, S), persistent=False)
+
+    def forward(self, x):
+        q, k, v = (t.transpose(1, 2).reshape(B * H, S, D) for t in self.qkv(x).view(B, S, H, 3, D).unbind(3))
+        scores = torch.baddbmm(self.alibi, q, k.transpose(-1, -2), beta=1.0, alpha=D ** -0.5)
+        weights = torch.softmax(scores.view(B, H, S, S), -1, dtype=torch.float32)
+        out = torch.bmm(weights.view(B * H, S, S), v).view(B, H, S, D)
+        return self.o(out.transpose(1, 2).reshape(B, S, C))
+
+
+def test_alibi_baddbmm_is_refused_naming_the_construct_and_the_fix():
+    model, x = AlibiAttention().eval(), torch.randn(B, S, C)
+    c = anefx.compile(model, (x,), progress=False, package_check="skip")
+    record = next(p for p in c.passes if p.name == "split_head_attention")
+    assert record.matches == 0 and len(record.refusals) == 1
+    reason = record.refusals[0].reason
+    assert "baddbmm" in reason and "q @ k.transpose(-1, -2) * scale + bias" in reason and "attn_mask" in reason
+    torch.testing.assert_close(c.rewritten.module()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_hf_t5_encoder_relative_position_bias_is_split():
+    from rewrites import RULES
+    from tests.helpers import rewrite
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    model, ids = transformers.T5EncoderModel(cfg).eval(), torch.randint(0, 100, (1, 12))
+    _, after, records = rewrite(model, (ids,), [r for r in RULES if r.name == "split_head_attention"])
+    assert records[-1].status == "applied" and records[-1].matches == 1
+    assert ops(after)["_softmax"] == 4 and ops(after)["scaled_dot_product_attention"] == 0
+    torch.testing.assert_close(after.module()(ids)[0], model(ids)[0], rtol=1e-4, atol=1e-5)
