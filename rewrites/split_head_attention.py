@@ -22,12 +22,29 @@ h // n_rep instead of materialising copies. Boolean, additive, causal and paddin
 Eager attention (q @ kᵀ · scale + mask → softmax → @ v) is matched too (a fully masked row stays NaN,
 as in torch).
 
+Variants (q/k/v sources found by index in rewrites/attention_sources.py, proven element by element):
+
+    Before (Qwen3 qk-norm, per-head RMSNorm → LayerNorm over [x, −x] by rmsnorm_to_layernorm)::
+        q = transpose(slice(layer_norm(cat([view(q_proj, [B, S, H, d]), neg(…)], 3), [2d], γ2), 3, 0, d), 1, 2)
+    After::
+        q_h = slice(anefx.layer_norm(cat([q4[h·d:(h+1)·d], neg(…)], 1), 1, γ2), 1, 0, d)    # (B, d, 1, S)
+    Before (GPT-NeoX fused QKV; Bloom / nn.MultiheadAttention select or view alike)::
+        q, k, v = split(transpose(view(qkv_proj, [B, S, H, 3d]), 1, 2), d, -1)
+    After::
+        q_h = slice(qkv4, 1, 3d·h, 3d·h + d);  k_h = slice(qkv4, 1, 3d·h + d, …);  v_h likewise
+    Before (eager with float32 softmax and dropout in eval; T5 relative-position bias; Gemma2 soft-cap)::
+        w = clone(softmax(tanh(q @ kᵀ · scale / cap) · cap + bias, -1, float32));  o = w @ v
+    After::
+        w_h = softmax(tanh(einsum(q_h · scale, k_h) / cap) · cap + bias_h', 1)    # bias_h' (B, S_k, 1, S_q)
+
 Why: the ANE runs small 4-D einsums/matmuls with softmax over the channel axis well; a rank-4
 (B, H, S, S) attention with softmax over the last axis, and the reshapes/transposes around it, are
 slow there (Apple, "Deploying Transformers on the Apple Neural Engine", 2022).
 
 Refuses: dropout in attention, a mask that does not broadcast to (…, S_q, S_k), q/k/v produced by ops it
-cannot follow per head (reported with the op).
+cannot follow per head (reported with the op), ops before the head split that mix heads; any other
+softmax(scores) @ v it finds is refused with what its scores are (Bloom's alibi baddbmm on (B·H, S, d)) and
+how to write them so they split — never left fused in silence.
 """
 
 from __future__ import annotations
@@ -223,8 +240,11 @@ class _Heads:
                     if dim == 1:
                         raise Unfollowable("q/k/v are sliced or concatenated across heads")
                 return None
-        what = node.target if isinstance(node, fx.Node) else type(node).__name__
-        raise Unfollowable(f"q/k/v come from {what}, which split_head_attention cannot follow per head")
+        what = getattr(node.target, "__name__", str(node.target)).split(".")[0] if isinstance(node, fx.Node) \
+            else type(node).__name__
+        raise Unfollowable(f"q/k/v come from a {what} op ('{getattr(node, 'name', node)}'), which cannot be replayed "
+                           f"per head; attention splits when q/k/v are x.view(B, S, H, d).transpose(1, 2) of a "
+                           f"projection, with only elementwise ops, rotary embeddings or per-head norms in between")
 
     def head(self, node: fx.Node, h: int) -> fx.Node:
         key = (node, h)
