@@ -15,7 +15,7 @@ from anefx.errors import OptionError, UnknownRuleError
 from anefx.lower import NEURAL_ENGINE_UNITS, check_options, lower
 from anefx.mlpackage import program_weights_sha256
 from anefx.package_check import CHECKS, report
-from anefx.pipeline import Tolerance, run_pipeline
+from anefx.pipeline import Tolerance, layout_note, run_pipeline
 from anefx.progress import Progress, reporter
 from anefx.rule import Rule
 
@@ -36,7 +36,10 @@ def compile(model: torch.nn.Module, example_args: Any, example_kwargs: dict | No
         say("capture")
         cap = capture(model, example_args, example_kwargs)
         rewritten, records, snapshots = run_pipeline(
-            cap.exported, chosen, (cap.args, cap.kwargs), verify=verify, tolerance=Tolerance(), progress=say)
+            cap.exported, chosen, (cap.args, cap.kwargs), verify=verify, tolerance=Tolerance(), progress=say,
+            never_worse=rules is None)
+        if rules is not None and (note := layout_note(snapshots)):
+            cap.notes.append(note)
         say("lower")
         mlmodel = lower(rewritten, input_names=cap.input_names, output_names=cap.output_names,
                         compute_units=compute_units, deployment_target=deployment_target, precision=precision)

@@ -61,9 +61,11 @@ class Tolerance:
 
 def run_pipeline(ep: ExportedProgram, rules: Sequence[Rule], example: tuple[tuple, dict], *,
                  verify: bool = True, tolerance: Tolerance | None = None,
-                 progress: Callable[[str], None] | None = None
+                 progress: Callable[[str], None] | None = None, never_worse: bool = True
                  ) -> tuple[ExportedProgram, list[PassRecord], list[tuple[str, ExportedProgram]]]:
-    """Returns the final program, one record per stage, and (stage name, program) snapshots."""
+    """Returns the final program, one record per stage, and (stage name, program) snapshots. With
+    `never_worse`, rules that would leave more layout ops or a higher rank than plain coremltools are
+    rolled back (`never_worse_layout`); without it (rules the user chose), they stay."""
     tolerance = tolerance or Tolerance()
     say = progress or (lambda msg: log.info(msg))
     snapshots = [("captured", ep)]
@@ -92,7 +94,22 @@ def run_pipeline(ep: ExportedProgram, rules: Sequence[Rule], example: tuple[tupl
             current = candidate
         records.append(record)
         snapshots.append((rule.name, current))
+    if not never_worse:
+        return current, records, snapshots
     return never_worse_layout(records, snapshots), records, snapshots
+
+
+def layout_note(snapshots: list[tuple[str, ExportedProgram]]) -> str:
+    """'' or a note that the final program is predicted worse than plain (for rules the user chose)."""
+    from anefx.layout import predicted_layout_cost
+
+    names = [name for name, _ in snapshots]
+    plain = predicted_layout_cost(snapshots[names.index("legalize")][1])
+    final = predicted_layout_cost(snapshots[-1][1])
+    if not final.worse_than(plain):
+        return ""
+    return (f"with the rules you chose, the program has {final} where plain coremltools has {plain} (predicted); "
+            "the default rules (rules=None) roll back what makes it worse than plain")
 
 
 def never_worse_layout(records: list[PassRecord], snapshots: list[tuple[str, ExportedProgram]]) -> ExportedProgram:

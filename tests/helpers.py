@@ -58,7 +58,8 @@ def rewrite(model: torch.nn.Module, args: tuple, rules: list, kwargs: dict | Non
     from anefx.pipeline import run_pipeline
 
     cap = capture(model, args, kwargs)
-    after, records, snapshots = run_pipeline(cap.exported, rules, (cap.args, cap.kwargs), verify=verify)
+    after, records, snapshots = run_pipeline(cap.exported, rules, (cap.args, cap.kwargs), verify=verify,
+                                             never_worse=False)  # the rules under test, as chosen
     return dict(snapshots)["legalize"], after, records
 
 

@@ -11,7 +11,7 @@ import anefx
 from anefx.layout import LayoutCost, predicted_layout_cost
 from anefx.rule import Rule
 from anefx.zoo import FAMILIES, build
-from tests.helpers import ane_summary, assert_outputs_close, program
+from tests.helpers import ane_summary, assert_outputs_close, ops, program
 
 aten = torch.ops.aten
 
@@ -172,21 +172,38 @@ TRANSPOSED_RELU = Rule(name="transposed_relu", summary="relu between two transpo
                        run=_transposed_relu)
 
 
-def test_guard_rolls_back_a_rule_that_adds_layout_ops_and_says_why(tmp_path):
+def _guarded(model, x, rules):
+    """The pipeline as anefx.compile runs the default rules: with the never-worse guard."""
+    from anefx.capture import capture
+    from anefx.pipeline import run_pipeline
+
+    cap = capture(model, (x,), None)
+    return run_pipeline(cap.exported, rules, (cap.args, cap.kwargs), never_worse=True)
+
+
+def test_guard_rolls_back_a_rule_that_adds_layout_ops_and_says_why():
     model, x = MLP().eval(), torch.randn(4, 32)
-    c = anefx.compile(model, (x,), rules=[TRANSPOSED_RELU], progress=False, package_check="skip")
-    record = next(p for p in c.passes if p.name == "transposed_relu")
+    rewritten, records, _ = _guarded(model, x, [TRANSPOSED_RELU])
+    record = next(p for p in records if p.name == "transposed_relu")
     assert record.status == "rolled-back"
     assert "2 transposes/reshapes" in record.detail and "plain coremltools has 0" in record.detail
-    assert _saved_cost(c, tmp_path) == LayoutCost(0, 2)
-    torch.testing.assert_close(c.rewritten.module()(x), model(x))
+    assert predicted_layout_cost(rewritten) == LayoutCost(0, 2)
+    torch.testing.assert_close(rewritten.module()(x), model(x))
 
 
-def test_guard_keeps_the_rules_before_the_one_that_made_it_worse(tmp_path):
+def test_guard_keeps_the_rules_before_the_one_that_made_it_worse():
     model, x = MLP().eval(), torch.randn(4, 32)
     conv_rule = next(r for r in anefx.default_rules() if r.name == "linear_to_conv1x1")
-    c = anefx.compile(model, (x,), rules=[conv_rule, TRANSPOSED_RELU], progress=False, package_check="skip")
-    assert [(p.name, p.status) for p in c.passes[1:]] == [("linear_to_conv1x1", "applied"),
-                                                          ("transposed_relu", "rolled-back")]
-    types = ane_summary(program(c, tmp_path))["types"]
-    assert types["conv"] == 2 and types["linear"] == 0 and types["transpose"] == 0
+    rewritten, records, _ = _guarded(model, x, [conv_rule, TRANSPOSED_RELU])
+    assert [(p.name, p.status) for p in records[1:]] == [("linear_to_conv1x1", "applied"),
+                                                         ("transposed_relu", "rolled-back")]
+    counts = ops(rewritten)
+    assert counts["convolution"] == 2 and counts["linear"] == 0 and counts["transpose"] == 0
+
+
+def test_rules_the_user_chose_stay_and_the_note_says_what_they_cost():
+    model, x = MLP().eval(), torch.randn(4, 32)
+    c = anefx.compile(model, (x,), rules=[TRANSPOSED_RELU], progress=False, package_check="skip")
+    assert next(p for p in c.passes if p.name == "transposed_relu").status == "applied"
+    assert any("with the rules you chose" in n and "plain coremltools has 0" in n for n in c.notes)
+    torch.testing.assert_close(c.rewritten.module()(x), model(x))
