@@ -198,6 +198,15 @@ def test_unwritable_directory_is_a_file_write_error(package):
     assert (package.parent / "x.txt").read_text() == "a file"
 
 
+@pytest.fixture(autouse=True)
+def _default_sigint():
+    """Signal tests expect Python's own SIGINT handler (KeyboardInterrupt); an earlier test in the same
+    process (e.g. one that compiled through torch.compile) may have installed another."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_sigint_while_writing_restores_the_old_package_then_interrupts(package):
     before = tree_digest(package)
 
