@@ -263,11 +263,7 @@ def check_outputs(reference: Any) -> None:
 
 
 def _check_leaves(args: tuple, kwargs: dict, names: tuple[str, ...]) -> None:
-    for path, leaf in pytree.tree_flatten_with_path(args)[0]:
-        if not isinstance(leaf, torch.Tensor):
-            raise InvalidExampleError(
-                f"example_args{pytree.keystr(path)} is a {type(leaf).__name__}, not a tensor; pass flags and "
-                "other constants by name (example_kwargs), and tensors positionally or by name.")
+    """Values the program's input types cannot hold (positional examples are tensors: check_inputs)."""
     for path, leaf in pytree.tree_flatten_with_path(kwargs)[0]:
         if isinstance(leaf, torch.Tensor):
             check_representable(pytree.keystr(path).strip("[]'"), leaf)
