@@ -112,6 +112,9 @@ def layout_note(snapshots: list[tuple[str, ExportedProgram]]) -> str:
             "the default rules (rules=None) roll back what makes it worse than plain")
 
 
+CORRECTNESS_STAGES = ("sdpa_masked_rows",)  # rules that make the program right, not faster
+
+
 def never_worse_layout(records: list[PassRecord], snapshots: list[tuple[str, ExportedProgram]]) -> ExportedProgram:
     """The last stage's program, unless its predicted layout cost (anefx.layout.predicted_layout_cost) is worse
     than the legalized program's (what plain coremltools lowers): then the program of the last stage that is
@@ -126,6 +129,9 @@ def never_worse_layout(records: list[PassRecord], snapshots: list[tuple[str, Exp
         return snapshots[-1][1]
     keep = next(i for i in range(len(snapshots) - 1, start - 1, -1)
                 if not predicted_layout_cost(snapshots[i][1]).worse_than(plain))
+    if any(records[i - start].name in CORRECTNESS_STAGES and records[i - start].status == "applied"
+           for i in range(keep + 1, len(snapshots))):
+        return snapshots[-1][1]  # a stage that fixes a wrong result is never traded for layout
     kept = snapshots[keep][1]
     for i in range(keep + 1, len(snapshots)):
         record = records[i - start]

@@ -18,7 +18,7 @@ from tests.helpers import ops
 def compile_fp32(model: nn.Module, *inputs: torch.Tensor):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return anefx.compile(model.eval(), inputs, precision="fp32")
+        return anefx.compile(model.eval(), inputs, precision="fp32", rules=anefx.default_rules())
 
 
 def assert_equal_to_model(compiled, model: nn.Module, *input_sets: tuple[torch.Tensor, ...]) -> None:
