@@ -36,6 +36,9 @@ _LAZY = {
     "AnefxNotice": "anefx.compiled", "CompiledModel": "anefx.compiled",
     "GraphDiff": "anefx.diff", "diff": "anefx.diff",
     "load_mlpackage": "anefx.mil",
+    "compile_llm": "anefx.llm.compile", "CompiledLLM": "anefx.llm.compile",
+    "load_llm": "anefx.llm.runtime", "LLM": "anefx.llm.runtime", "ContextFullError": "anefx.llm.runtime",
+    "StatefulModelError": "anefx.llm.capture",
     "PackageCheck": "anefx.package_check", "PrecisionError": "anefx.package_check",
     "PrecisionWarning": "anefx.package_check",
     "PassRecord": "anefx.pipeline",
@@ -71,9 +74,10 @@ sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [
-    "AnefxError", "AnefxNotice", "CaptureError", "CompiledModel", "GraphDiff", "InvalidExampleError",
+    "LLM", "AnefxError", "AnefxNotice", "CaptureError", "CompiledLLM", "CompiledModel", "ContextFullError",
+    "GraphDiff", "InvalidExampleError",
     "InvalidModelError", "LoweringError", "Match", "OptionError", "PackageCheck", "PassRecord", "Pattern",
     "PrecisionError", "PrecisionWarning", "Rule", "RuleError", "UnknownRuleError", "compile", "default_rules",
-    "diff", "load_mlpackage",
+    "StatefulModelError", "compile_llm", "diff", "load_llm", "load_mlpackage",
 ]
 __version__ = "0.1.0"

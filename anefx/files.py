@@ -117,6 +117,37 @@ def atomic_package_write(target: str | Path, write_fn: Callable[[Path], Any]) ->
     return target
 
 
+def check_folder_target(target: str | Path, marker: str, what: str) -> Path:
+    """`target`, or FileWriteError when something other than an earlier output of this kind (a folder
+    holding `marker`) is in its place, or its directory cannot be made or written."""
+    target = Path(target)
+    if (target.exists() or target.is_symlink()) and not (target.is_dir() and (target / marker).is_file()):
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # an empty folder holds nothing to lose
+        else:
+            kind = "directory" if target.is_dir() else "file"
+            raise FileWriteError(f"{target} exists and is a {kind} that is not {what} (no {marker}): anefx does "
+                                 "not replace it. Choose another output path, or move it away yourself.")
+    _check_directory(target)
+    return target
+
+
+def atomic_folder_write(target: str | Path, write_fn: Callable[[Path], Any], marker: str, what: str) -> Path:
+    """Like `atomic_package_write` for a folder of anefx's own (e.g. an LLM's chunks and manifest): written
+    into a temporary sibling, `marker` checked, then swapped onto `target` in one step."""
+    target = check_folder_target(target, marker, what)
+    with _SignalGuard() as guard, _temp_sibling(target, guard) as temp:
+        staged = temp / target.name
+        _as_write_error(target, lambda: write_fn(staged))
+        if not (staged / marker).is_file():
+            raise FileWriteError(f"writing {target} produced no {marker}; nothing was changed. Save it again.")
+        _as_write_error(target, lambda: _sync_tree(staged))
+        with guard.deferred():
+            _as_write_error(target, lambda: _replace(staged, target, temp))
+            _sync_directory(target.parent)
+    return target
+
+
 def atomic_write_text(target: str | Path, text: str) -> Path:
     """Write `text` (UTF-8) to the file `target` through a temporary sibling and one rename."""
     target = check_file_target(target)

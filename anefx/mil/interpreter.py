@@ -33,7 +33,9 @@ class _Step:
 class MilRunner:
     """A loaded program, callable with its inputs by name (or positionally, in `input_names` order)."""
 
-    def __init__(self, program: Program, precision: str = "fp32"):
+    def __init__(self, program: Program, precision: str = "fp32", states: dict[str, np.ndarray] | None = None):
+        """`states`: a dict shared with other runners (e.g. the functions of one multifunction package,
+        which read and write the same state buffers); a fresh one when None."""
         check_precision(precision)
         self.program = program
         self.precision = precision
@@ -41,16 +43,16 @@ class MilRunner:
         self.input_names = [name for name, _ in program.inputs]
         self.output_names = list(program.outputs)
         self.state_names = [name for name, _ in program.states]
-        self.states: dict[str, np.ndarray] = {}
-        self.reset_states()
+        self.states: dict[str, np.ndarray] = {} if states is None else states
+        if states is None or any(name not in states for name, _ in program.states):
+            self.reset_states()
         self._constants = {name: self._stored_constant(v) for name, v in program.constants.items()}
         self._constants.update({name: StateRef(name) for name in self.state_names})
         self._steps = [self._step(op) for op in program.operations]
         self._output_types = dict(_output_types(program))
 
     def reset_states(self) -> None:
-        """Every state buffer back to zeros."""
-        self.states.clear()
+        """Every state buffer of this program back to zeros (other entries of a shared dict stay)."""
         for name, ttype in self.program.states:
             self.states[name] = np.zeros(ttype.shape, self._storage_dtype(ttype))
 

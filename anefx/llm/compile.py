@@ -1,0 +1,261 @@
+"""`anefx.compile_llm`: an HF causal LM → a folder of stateful CoreML chunks with `prefill` and `decode`.
+
+    lm = anefx.compile_llm(model, context_length=256, prefill_length=64)
+    lm.save("tiny-llama")
+    lm.generate(prompt_ids, max_new_tokens=32)
+
+Steps: the model is captured twice through `CachedDecoder` (anefx.llm.capture) — `prefill` for
+prefill_length tokens per call and `decode` for one — with its KV cache as buffers it writes in place.
+Both programs go through the same verified rules as `anefx.compile`, are cut into the same consecutive
+layer chunks, and each chunk's two programs are lowered and merged into one multifunction package whose
+functions share the weights (stored once) and the cache states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+import warnings
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.export import ExportedProgram
+
+from anefx.errors import OptionError
+from anefx.llm.capture import CachedDecoder, StatefulModelError, export_stateful
+from anefx.llm.manifest import FUNCTIONS, MANIFEST, ChunkSpec, FunctionSpec, LLMManifest, TensorSpec
+from anefx.pipeline import PassRecord, Tolerance, run_pipeline
+from anefx.progress import Progress, reporter
+from anefx.rule import Rule
+
+log = logging.getLogger("anefx")
+STATE_ALIGN = 32  # CoreML states whose last dimension is not a multiple of 32 fail on the Neural Engine
+MAX_DIM = 16384  # the largest tensor dimension the Neural Engine holds
+DEFAULT_CHUNK_BYTES = 950_000_000  # iOS refuses model files past ~1 GB
+DEFAULT_CHUNK_OPS = 10_000  # devices fail to compile programs past ~18k MIL ops
+
+
+@dataclass
+class LLMOptions:
+    context_length: int
+    prefill_length: int
+    argmax_in_model: bool = False
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_chunk_ops: int = DEFAULT_CHUNK_OPS
+    precision: str = "fp16"
+    deployment_target: str = "iOS18"
+    compute_units: str = "CPU_AND_NE"
+
+    @property
+    def cache_length(self) -> int:
+        return -(-self.context_length // STATE_ALIGN) * STATE_ALIGN
+
+
+def check_llm_options(options: LLMOptions) -> None:
+    from anefx.lower import check_options
+
+    check_options(options.compute_units, options.deployment_target, options.precision, "split_heads")
+    for name in ("context_length", "prefill_length", "max_chunk_bytes", "max_chunk_ops"):
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OptionError(f"{name}={value!r}: pass a positive integer.")
+    if options.prefill_length > options.context_length:
+        raise OptionError(f"prefill_length={options.prefill_length} is longer than context_length="
+                          f"{options.context_length}; pass a prefill_length of at most the context length.")
+    if options.deployment_target not in ("iOS18",) and not options.deployment_target.startswith(("iOS1", "macOS1")):
+        raise OptionError(f"deployment_target={options.deployment_target!r}: stateful programs need iOS18.")
+    if options.deployment_target in ("iOS15", "iOS16", "iOS17"):
+        raise OptionError(f"deployment_target={options.deployment_target!r}: a KV cache held as CoreML state needs "
+                          "iOS18 (macOS 15) or later; pass deployment_target='iOS18'.")
+
+
+@dataclass
+class CompiledLLM:
+    """The compiled chunks (in a temporary folder until `save`), their manifest, and what each stage did."""
+
+    folder: Path
+    manifest: LLMManifest
+    passes: dict[str, list[PassRecord]]  # function → the rules' records
+    rewritten: dict[str, ExportedProgram]  # function → the program after the rules (whole model, in torch)
+    notes: list[str] = field(default_factory=list)
+    _runtime: Any = None
+
+    def save(self, path: str | Path) -> Path:
+        """Write the folder (chunks + manifest) atomically: a folder written before by anefx is replaced
+        only once the new one is complete; anything else at `path` is refused (FileWriteError)."""
+        from anefx.files import atomic_folder_write
+
+        return atomic_folder_write(path, lambda staged: shutil.copytree(self.folder, staged), MANIFEST,
+                                   "a compiled LLM folder")
+
+    def runtime(self, precision: str | None = None, backend: str = "auto") -> Any:
+        from anefx.llm.runtime import LLM
+
+        if self._runtime is None or (precision, backend) != self._runtime.key:
+            self._runtime = LLM(self.folder, self.manifest, precision=precision, backend=backend)
+        return self._runtime
+
+    def generate(self, prompt_ids: Any, max_new_tokens: int = 32, *, precision: str | None = None,
+                 backend: str = "auto", stop_at_eos: bool = True) -> list[int]:
+        """Greedy generation from the compiled packages (CoreML on macOS, the MIL interpreter elsewhere)."""
+        return self.runtime(precision, backend).generate(prompt_ids, max_new_tokens, stop_at_eos=stop_at_eos)
+
+
+def compile_llm(model: torch.nn.Module, context_length: int = 256, prefill_length: int = 64, *,
+                argmax_in_model: bool = False, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                max_chunk_ops: int = DEFAULT_CHUNK_OPS, rules: Sequence[Rule | str] | None = None,
+                verify: bool = True, precision: str = "fp16", deployment_target: str = "iOS18",
+                compute_units: str = "CPU_AND_NE", progress: Progress = None) -> CompiledLLM:
+    """Compile an HF causal LM into stateful CoreML chunks. See docs/llm.md."""
+    from anefx.api import resolve_rules
+
+    options = LLMOptions(context_length, prefill_length, argmax_in_model, max_chunk_bytes, max_chunk_ops,
+                         precision, deployment_target, compute_units)
+    check_llm_options(options)
+    chosen = resolve_rules(rules, compute_units)
+    with reporter(progress, "anefx.compile_llm") as say:
+        say("capture prefill and decode")
+        decoder = CachedDecoder(model, options.cache_length)
+        lengths = {"prefill": prefill_length, "decode": 1}
+        programs = {fn: export_stateful(decoder, s) for fn, s in lengths.items()}
+        rewritten, passes = {}, {}
+        for fn, ep in programs.items():
+            example = _example(decoder, lengths[fn], options.cache_length)
+            rewritten[fn], passes[fn], _ = run_pipeline(
+                ep, chosen, example, verify=verify, tolerance=Tolerance(), progress=lambda s, fn=fn: say(f"{fn}: {s}"),
+                never_worse=rules is None)
+        folder = Path(tempfile.mkdtemp(prefix="anefx-llm-"))
+        lm = CompiledLLM(folder, _manifest(model, options), passes, rewritten)
+        weakref.finalize(lm, shutil.rmtree, str(folder), ignore_errors=True)
+        lm.manifest.chunks = _lower_chunks(rewritten, options, folder, say)
+        (folder / MANIFEST).write_text(lm.manifest.to_json(), encoding="utf-8")
+    return lm
+
+
+def _example(decoder: CachedDecoder, seq_len: int, cache_length: int) -> tuple[tuple, dict]:
+    vocab = _vocab_size(decoder.model)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, seq_len), generator=generator)
+    position = torch.tensor([(cache_length - seq_len) // 2])  # past positions are read, later ones masked
+    return (ids, position), {}
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    text = model.config.get_text_config(decoder=True)
+    vocab = getattr(text, "vocab_size", None)
+    if not vocab:
+        raise StatefulModelError(f"{type(model).__name__}'s config has no vocab_size.")
+    return int(vocab)
+
+
+def _manifest(model: torch.nn.Module, options: LLMOptions) -> LLMManifest:
+    from anefx import __version__
+
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None) if generation is not None else None
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    eos_ids = [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos]) if e is not None]
+    vocab = _vocab_size(model)
+    return LLMManifest(
+        model=type(model).__name__, context_length=options.context_length, cache_length=options.cache_length,
+        prefill_length=options.prefill_length, vocab_size=vocab,
+        output="argmax" if options.argmax_in_model else "logits", logits_pieces=[vocab],
+        eos_token_ids=[e for e in eos_ids if 0 <= e < vocab], precision=options.precision,
+        deployment_target=options.deployment_target, anefx_version=__version__)
+
+
+def _lower_chunks(rewritten: dict[str, ExportedProgram], options: LLMOptions, folder: Path,
+                  say: Any) -> list[ChunkSpec]:
+    """Lower each chunk's functions and merge them into one package per chunk."""
+    chunk_programs = {fn: [ep] for fn, ep in rewritten.items()}  # one chunk: the whole model
+    layers = _layer_count(rewritten["decode"])
+    specs = []
+    for index in range(len(chunk_programs["decode"])):
+        name = f"chunk_{index}.mlpackage"
+        singles = {}
+        for fn in FUNCTIONS:
+            say(f"lower chunk {index} {fn}")
+            singles[fn] = _lower_one(chunk_programs[fn][index], options, folder / f".{index}-{fn}.mlpackage")
+        say(f"merge chunk {index} functions")
+        _save_multifunction(singles, folder / name)
+        for path in singles.values():
+            shutil.rmtree(path, ignore_errors=True)
+        specs.append(_chunk_spec(folder / name, [0, layers]))
+    return specs
+
+
+def _lower_one(ep: ExportedProgram, options: LLMOptions, path: Path) -> Path:
+    from anefx.lower import lower
+
+    inputs = list(ep.graph_signature.user_inputs)
+    outputs = ["logits"] if len(ep.graph_signature.user_outputs) == 1 else list(ep.graph_signature.user_outputs)
+    mlmodel = lower(ep, input_names=inputs, output_names=outputs, compute_units=options.compute_units,
+                    deployment_target=options.deployment_target, precision=options.precision, load=False)
+    mlmodel.save(str(path))
+    return path
+
+
+def _save_multifunction(singles: dict[str, Path], target: Path) -> None:
+    from anefx.lower import _quiet_coremltools
+
+    ct = _quiet_coremltools()
+    desc = ct.utils.MultiFunctionDescriptor()
+    for fn, path in singles.items():
+        desc.add_function(str(path), src_function_name="main", target_function_name=fn)
+    desc.default_function_name = "decode"
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        ct.utils.save_multifunction(desc, str(target))
+
+
+def _chunk_spec(path: Path, layers: list[int]) -> ChunkSpec:
+    from anefx.mil.reader import read_program
+
+    functions, states, largest = {}, [], 0
+    for fn in FUNCTIONS:
+        program = read_program(path, fn)
+        functions[fn] = FunctionSpec(
+            inputs=[_tensor_spec(n, t) for n, t in program.inputs],
+            outputs=[_tensor_spec(n, t) for n, t in _outputs(program)],
+            ops=len(program.operations))
+        states = [_tensor_spec(n, t) for n, t in program.states]
+        largest = max(largest, largest_dimension(program))
+    return ChunkSpec(file=path.name, layers=layers, functions=functions, states=states,
+                     bytes=folder_bytes(path), largest_dim=largest)
+
+
+def _outputs(program: Any) -> list[tuple[str, Any]]:
+    produced = {name: ttype for op in program.operations for name, ttype in op.outputs}
+    produced.update(dict(program.inputs))
+    return [(name, produced.get(name)) for name in program.outputs]
+
+
+def _tensor_spec(name: str, ttype: Any) -> TensorSpec:
+    if ttype is None:
+        return TensorSpec(name, [], "unknown")
+    return TensorSpec(name, list(ttype.shape or []), str(np.dtype(ttype.dtype)))
+
+
+def largest_dimension(program: Any) -> int:
+    """The largest dimension of any tensor the program computes, takes or keeps as state."""
+    shapes = [t.shape for op in program.operations for _, t in op.outputs if t is not None and t.shape]
+    shapes += [t.shape for _, t in [*program.inputs, *program.states] if t.shape]
+    return max((max(s) for s in shapes if s), default=0)
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _layer_count(ep: ExportedProgram) -> int:
+    mutated = ep.graph_signature.buffers_to_mutate.values()
+    return len([n for n in mutated if n.startswith("k_cache_")])
