@@ -200,11 +200,95 @@ def diff_command(
         console.print(f"wrote [bold]{graph_diff.to_html(html)}[/]")
 
 
+@app.command("compile-llm")
+@friendly_errors
+def compile_llm_command(
+        target: Target,
+        output: Annotated[Path, typer.Option("-o", "--output", help="the folder to write (chunks + manifest)")],
+        context: Annotated[int, typer.Option("--context", help="tokens a generation may hold")] = 256,
+        prefill: Annotated[int, typer.Option("--prefill", help="tokens per prefill call")] = 64,
+        max_chunk_mb: Annotated[float, typer.Option("--max-chunk-mb", help="largest chunk, in MB")] = 950.0,
+        max_chunk_ops: Annotated[int, typer.Option("--max-chunk-ops", help="most MIL ops per chunk")] = 10_000,
+        argmax: Annotated[bool, typer.Option("--argmax", help="return token ids, not logits")] = False,
+        precision: Precision = "fp16", deployment_target: DeploymentTarget = "iOS18") -> None:
+    """Compile an HF causal LM into stateful CoreML chunks with prefill and decode functions."""
+    from anefx.files import check_folder_target
+    from anefx.llm.compile import compile_llm
+    from anefx.llm.manifest import MANIFEST
+    from anefx.target import load_target
+
+    check_folder_target(output, MANIFEST, "a compiled LLM folder")  # refuse before a long compile
+    with staged(console, "compiling") as progress:
+        progress("load")
+        loaded = load_target(target)
+        lm = compile_llm(loaded.model, context_length=context, prefill_length=prefill,
+                         max_chunk_bytes=int(max_chunk_mb * 1e6), max_chunk_ops=max_chunk_ops,
+                         argmax_in_model=argmax, precision=precision, deployment_target=deployment_target,
+                         progress=progress)
+        progress("save")
+        path = lm.save(output)
+    for note in lm.notes:
+        console.print(f"note: {note}")
+    _llm_report(path)
+    console.print(f"wrote [bold]{path}[/] ({len(lm.manifest.chunks)} chunk(s), context {context}, prefill {prefill})")
+
+
+@app.command("generate")
+@friendly_errors
+def generate_command(
+        folder: Annotated[Path, typer.Argument(help="a folder written by compile-llm")],
+        prompt_ids: Annotated[str, typer.Option("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")],
+        new_tokens: Annotated[int, typer.Option("-n", "--max-new-tokens", help="tokens to generate")] = 32,
+        precision: Annotated[str | None, typer.Option(
+            "--precision", help="the MIL interpreter's precision off macOS: fp16 (as on the device) or fp32")] = None,
+        backend: Annotated[str, typer.Option("--backend", help="auto, coreml or interpreter")] = "auto") -> None:
+    """Greedy generation from a compiled LLM folder; prints the new token ids."""
+    from anefx.errors import OptionError
+    from anefx.llm.runtime import load_llm
+
+    try:
+        ids = [int(t) for t in prompt_ids.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise OptionError(f"--prompt-ids {prompt_ids!r}: pass comma-separated integers, e.g. 1,2,3.") from None
+    lm = load_llm(folder, precision=precision, backend=backend)
+    started = time.perf_counter()
+    new = lm.generate(ids, new_tokens)
+    seconds = time.perf_counter() - started
+    console.print(",".join(str(t) for t in new))
+    err_console.print(f"[dim]{len(new)} tokens in {seconds:.2f}s ({lm.backend}, {lm.precision})[/]")
+
+
+def _llm_report(folder: Path) -> None:
+    from rich.table import Table
+
+    from anefx.llm.manifest import LLMManifest
+    from anefx.package_report import human_bytes
+
+    manifest = LLMManifest.read(folder)
+    table = Table(title=f"{folder.name}: {manifest.model}, context {manifest.context_length}, prefill "
+                        f"{manifest.prefill_length}, output {manifest.output}")
+    for column in ("chunk", "layers", "bytes", "ops (prefill / decode)", "functions", "states", "largest dim"):
+        table.add_column(column, justify="right" if column in ("bytes", "largest dim") else "left")
+    for chunk in manifest.chunks:
+        states = f"{len(chunk.states)} × {chunk.states[0].shape}" if chunk.states else "-"
+        ops = " / ".join(str(chunk.functions[f].ops) for f in ("prefill", "decode"))
+        table.add_row(chunk.file, f"{chunk.layers[0]}–{chunk.layers[1] - 1}", human_bytes(chunk.bytes), ops,
+                      ", ".join(chunk.functions), states, str(chunk.largest_dim))
+    console.print(table)
+
+
 @app.command("report")
 @friendly_errors
-def report_command(package: Annotated[Path, typer.Argument(help="a saved .mlpackage")]) -> None:
-    """ANE readiness of a saved .mlpackage: ops, ranks, dimension limit, padding, unsupported ops."""
+def report_command(package: Annotated[Path, typer.Argument(
+        help="a saved .mlpackage, or a folder written by compile-llm")]) -> None:
+    """ANE readiness of a saved .mlpackage (ops, ranks, dimension limit, padding, unsupported ops), or the
+    chunks of a compiled LLM folder (bytes, op counts, functions, states, largest dimension)."""
+    from anefx.llm.manifest import MANIFEST
     from anefx.package_report import package_report, report_tables
+
+    if (package / MANIFEST).is_file():
+        _llm_report(package)
+        return
 
     report = package_report(package)
     for table in report_tables(report):
