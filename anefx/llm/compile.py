@@ -86,6 +86,7 @@ class CompiledLLM:
     passes: dict[str, list[PassRecord]]  # function → the rules' records
     rewritten: dict[str, ExportedProgram]  # function → the program after the rules (whole model, in torch)
     notes: list[str] = field(default_factory=list)
+    package_check: Any = None  # anefx.package_check.PackageCheck: the saved chunks against the model
     _runtime: Any = None
 
     def save(self, path: str | Path) -> Path:
@@ -113,13 +114,17 @@ def compile_llm(model: torch.nn.Module, context_length: int = 256, prefill_lengt
                 argmax_in_model: bool = False, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                 max_chunk_ops: int = DEFAULT_CHUNK_OPS, rules: Sequence[Rule | str] | None = None,
                 verify: bool = True, precision: str = "fp16", deployment_target: str = "iOS18",
-                compute_units: str = "CPU_AND_NE", progress: Progress = None) -> CompiledLLM:
+                compute_units: str = "CPU_AND_NE", package_check: str = "warn",
+                progress: Progress = None) -> CompiledLLM:
     """Compile an HF causal LM into stateful CoreML chunks. See docs/llm.md."""
     from anefx.api import resolve_rules
+    from anefx.package_check import CHECKS, report
 
     options = LLMOptions(context_length, prefill_length, argmax_in_model, max_chunk_bytes, max_chunk_ops,
                          precision, deployment_target, compute_units)
     check_llm_options(options)
+    if package_check not in CHECKS:
+        raise OptionError(f"package_check={package_check!r} is not one of {', '.join(CHECKS)}.")
     chosen = resolve_rules(rules, compute_units)
     with reporter(progress, "anefx.compile_llm") as say:
         say("capture prefill and decode")
@@ -137,7 +142,42 @@ def compile_llm(model: torch.nn.Module, context_length: int = 256, prefill_lengt
         weakref.finalize(lm, shutil.rmtree, str(folder), ignore_errors=True)
         lm.manifest.chunks = _lower_chunks(rewritten, options, folder, say)
         (folder / MANIFEST).write_text(lm.manifest.to_json(), encoding="utf-8")
+        if package_check != "skip":
+            say(f"check the chunks ({precision}, MIL interpreter)")
+            lm.package_check = check_llm(lm, model)
+    if lm.package_check is not None:
+        report(lm.package_check, package_check)
     return lm
+
+
+def check_llm(lm: CompiledLLM, model: torch.nn.Module) -> Any:
+    """Run the saved chunks at their precision on one prefill block and two decode steps of random tokens
+    and compare with the model's own logits (or its greedy tokens, with argmax_in_model)."""
+    from anefx.mil import compare
+    from anefx.package_check import MIN_PSNR, PackageCheck
+
+    m = lm.manifest
+    count = min(m.prefill_length + 2, m.context_length)
+    ids = torch.randint(0, m.vocab_size, (1, count), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(ids).logits[0].float().numpy()
+    runtime = lm.runtime(m.precision)
+    runtime.reset()
+    result = PackageCheck(m.precision, min_psnr=MIN_PSNR[m.precision])
+    with np.errstate(all="ignore"):
+        if m.output == "argmax":
+            tokens = np.array(runtime.next_tokens(ids[0].tolist(), 0))
+            agreement = float((tokens == reference.argmax(-1)).mean())
+            lm.notes.append(f"package check: the chunks' greedy tokens agree with the model's on {agreement:.0%} "
+                            f"of {count} positions ({m.precision})")
+            enough = 1.0 if m.precision == "fp32" else 0.9  # fp16 flips near-ties of the top two logits
+            result.psnr_db["token"] = float("inf") if agreement >= enough else 0.0
+            return result
+        got = runtime.logits(ids[0].tolist(), 0)
+    if not np.isfinite(got).all() and np.isfinite(reference).all():
+        result.not_finite.append("logits")
+    result.psnr_db["logits"] = float(compare(got, torch.from_numpy(reference)).psnr_db)
+    return result
 
 
 def _example(decoder: CachedDecoder, seq_len: int, cache_length: int) -> tuple[tuple, dict]:
