@@ -20,7 +20,8 @@ from anefx.errors import AnefxError, RuleError, failing_node, short_reason, writ
 from anefx.graph import module_path, op_histogram, snapshot
 from anefx.legalize import legalize
 from anefx.rule import Refusal, Rule, apply_rule
-from anefx.samples import drawn_like
+from anefx.samples import drawn_like, drawn_states
+from anefx.states import logical_states, mutated_states, restore_logical, stored_states
 
 log = logging.getLogger("anefx")
 
@@ -72,8 +73,8 @@ def run_pipeline(ep: ExportedProgram, rules: Sequence[Rule], example: tuple[tupl
     current = snapshot(ep)
     say("legalize")
     record = _legalize(current)
-    inputs = [example, *drawn_like(ep, example, tolerance.extra_inputs)] if verify else [example]
-    outputs = [_run(current, x) for x in inputs]
+    inputs = _input_sets(ep, example, tolerance.extra_inputs if verify else 0)
+    outputs = [_run(current, x, states) for x, states in inputs]
     if verify:
         _check_legalize(ep, inputs, outputs, tolerance)
     snapshots.append(("legalize", current))
@@ -144,30 +145,49 @@ def never_worse_layout(records: list[PassRecord], snapshots: list[tuple[str, Exp
     return kept
 
 
+def _input_sets(ep: ExportedProgram, example: tuple[tuple, dict], extra: int) -> list[tuple]:
+    """(inputs, states) pairs: the example with the program's own states (None), then `extra` sets drawn
+    like the example with random states (anefx.samples), so that reads of past cache positions count."""
+    return [(example, None), *zip(drawn_like(ep, example, extra), drawn_states(ep, extra), strict=True)]
+
+
 def _verify(candidate: ExportedProgram, inputs: list, expected: list, tolerance: Tolerance,
             record: PassRecord) -> tuple[list, str]:
     """The candidate's outputs on every input set, and '' or what differs from the stage before it."""
     outputs, record.max_error = [], 0.0
     for i, (x, before) in enumerate(zip(inputs, expected, strict=True)):
         try:
-            after = _run(candidate, x)
+            after = _run(candidate, *x)
         except Exception as exc:  # noqa: BLE001 - a rewritten graph that no longer runs is a failed check
             return outputs, f"the rewritten graph fails to run ({short_reason(exc)})"
         error, ok = compare(after, before, tolerance)
         record.max_error = max(record.max_error, error)
         if not ok:
-            which = "the example" if i == 0 else f"random input {i} drawn like the example (both signs, wider range)"
-            return outputs, (f"outputs differ from the graph before the rule on {which}: worst element off by "
-                             f"{error:.3g}× its tolerance (atol {tolerance.atol}·scale + rtol {tolerance.rtol}·|b|)")
+            which = "the example" if i == 0 else (f"random input {i} drawn like the example (both signs, wider "
+                                                  "range{', random states' if mutated_states(candidate) else ''})")
+            return outputs, (f"{_what_differs(candidate, after, before, tolerance)} from the graph before the rule on "
+                             f"{which}: worst element off by {error:.3g}× its tolerance (atol {tolerance.atol}·scale "
+                             f"+ rtol {tolerance.rtol}·|b|)")
         outputs.append(after)
     return outputs, ""
+
+
+def _what_differs(ep: ExportedProgram, after: list, before: list, tolerance: Tolerance) -> str:
+    """'outputs differ', or which state the program writes differently (its user outputs may agree)."""
+    states = mutated_states(ep)
+    users = len(after) - len(states)
+    wrong = [name for i, name in enumerate(states)
+             if not compare([after[users + i]], [before[users + i]], tolerance)[1]]
+    if not wrong or not compare(after[:users], before[:users], tolerance)[1]:
+        return "outputs differ"
+    return f"the new value of state {', '.join(wrong)} (what the next call reads) differs"
 
 
 def _check_legalize(captured: ExportedProgram, inputs: list, legalized: list,
                     tolerance: Tolerance) -> None:
     """legalize folds input-free subgraphs into constants: the program must compute what it captured."""
     for x, after in zip(inputs, legalized, strict=True):
-        error, ok = compare(after, _run(captured, x), tolerance)
+        error, ok = compare(after, _run(captured, *x), tolerance)
         if not ok:
             raise RuleError(f"legalize changed what the program computes (worst element off by {error:.3g} of its "
                             "tolerance); this is an anefx bug: please report the model. Compile with verify=False "
@@ -203,29 +223,44 @@ def _apply(rule: Rule, ep: ExportedProgram, before: list[str]) -> PassRecord:
     return PassRecord(rule.name, result.matches, result.refusals, result.op_delta, result.ms, status)
 
 
-def _run(ep: ExportedProgram, example: tuple[tuple, dict]) -> list[torch.Tensor]:
-    """The program's outputs on the example. A low-precision program runs with fp32 weights and
-    inputs: rules are exact rewrites of the math, and a rule that removes an fp16 overflow must not
-    be compared with the overflowed result."""
+def _run(ep: ExportedProgram, example: tuple[tuple, dict],
+         states: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The program's outputs on the example, then the new value of each state it writes (anefx.states),
+    in the model's layout. The run is functional: the states go in as fresh tensors (`states`, or the
+    program's own values), so the program's buffers are never written and runs are independent.
+
+    A low-precision program runs with fp32 weights and inputs: rules are exact rewrites of the math, and
+    a rule that removes an fp16 overflow must not be compared with the overflowed result."""
     args, kwargs = example
     kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}  # constants are baked in
     module = ep.module()
-    if _low_precision(module, (args, kwargs)):
-        state = _upcast({**dict(module.named_parameters()), **dict(module.named_buffers())})
-        up_args, up_kwargs = _upcast((args, kwargs))
-        try:  # functional_call swaps the weights for this call only: the program's stay fp16
-            with torch.no_grad():
-                out = torch.func.functional_call(module, state, up_args, up_kwargs)
-            nodes = {n.name: n for n in ep.graph_module.graph.nodes}
-            native = [nodes[name].meta["val"].dtype for name in ep.graph_signature.user_outputs
-                      if name in nodes and isinstance(nodes[name].meta.get("val"), torch.Tensor)]
-            outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-            return [t.to(d) for t, d in zip(outs, native, strict=False)] + outs[len(native):]
-        except RuntimeError:  # a graph that pins dtypes (explicit casts into an op) runs as it is
-            pass
+    fresh = stored_states(ep, logical_states(ep) if states is None else states)
+    if _low_precision(module, (args, kwargs, fresh)):
+        upcast = _run_upcast(ep, module, fresh, (args, kwargs))
+        if upcast is not None:
+            return upcast
     with torch.no_grad():
-        out = module(*args, **kwargs)
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        out = torch.func.functional_call(module, fresh, args, kwargs)
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)] + restore_logical(ep, fresh)
+
+
+def _run_upcast(ep: ExportedProgram, module: torch.nn.Module, fresh: dict[str, torch.Tensor],
+                example: tuple) -> list[torch.Tensor] | None:
+    """The run in fp32, results cast back to the program's dtypes; None for a graph that pins dtypes."""
+    weights = _upcast({**dict(module.named_parameters()), **dict(module.named_buffers()), **fresh})
+    up_args, up_kwargs = _upcast(example)
+    try:  # functional_call swaps the weights for this call only: the program's stay fp16
+        with torch.no_grad():
+            out = torch.func.functional_call(module, weights, up_args, up_kwargs)
+    except RuntimeError:  # a graph that pins dtypes (explicit casts into an op) runs as it is
+        return None
+    nodes = {n.name: n for n in ep.graph_module.graph.nodes}
+    native = [nodes[name].meta["val"].dtype for name in ep.graph_signature.user_outputs
+              if name in nodes and isinstance(nodes[name].meta.get("val"), torch.Tensor)]
+    outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    written = {target: weights[target].to(value.dtype) for target, value in fresh.items()}
+    return ([t.to(d) for t, d in zip(outs, native, strict=False)] + outs[len(native):]
+            + restore_logical(ep, written))
 
 
 _LOW = (torch.float16, torch.bfloat16)

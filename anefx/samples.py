@@ -8,7 +8,11 @@ dtypes drawn at random (from a fixed seed, so a compile is reproducible):
   beyond ±1e4 (additive masks) keep the example's values, since random ones would only make NaNs;
 - integers feeding an embedding: any id the embedding accepts; other integers: within the example's
   range (they may be indices or masks);
-- booleans: random.
+- integers giving where a cache write starts (`index_copy(cache, dim, arange(S) + p, …)`, a KV cache's
+  position): any start at which the S written positions fit in the cache;
+- booleans: random;
+- states (buffers the program writes, e.g. a KV cache; `drawn_states`): random values, both signs, so
+  that reads of past positions are exercised (a zero cache hides a wrong read).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ def drawn_like(ep: ExportedProgram, example: tuple[tuple, dict], count: int = 2,
                seed: int = 0) -> list[tuple[tuple, dict]]:
     """`count` input sets shaped like `example`, for the program `ep` (see the module docstring)."""
     generator = torch.Generator().manual_seed(seed)
-    bounds = _embedding_bounds(ep)
+    bounds = _integer_bounds(ep)
     leaves, spec = pytree.tree_flatten(example)
     names = _input_names(ep)
     drawn = []
@@ -39,6 +43,25 @@ def drawn_like(ep: ExportedProgram, example: tuple[tuple, dict], count: int = 2,
                if isinstance(t, torch.Tensor) else t for i, t in enumerate(_tensors_first(leaves))]
         drawn.append(pytree.tree_unflatten(_restore(leaves, new), spec))
     return drawn
+
+
+def drawn_states(ep: ExportedProgram, count: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """`count` random values of the states `ep` writes ({buffer: tensor}, in the model's layout)."""
+    from anefx.states import logical_states
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    own = logical_states(ep)
+    return [{target: _draw_state(value, draw, generator) for target, value in own.items()} for draw in range(count)]
+
+
+def _draw_state(t: torch.Tensor, draw: int, generator: torch.Generator) -> torch.Tensor:
+    if not t.is_floating_point():
+        return _draw(t, None, draw, generator)
+    finite = t[torch.isfinite(t)]
+    scale = max(float(finite.abs().max()) if finite.numel() else 0.0, 1.0)  # a zero cache: unit values
+    values = torch.rand(t.shape, generator=generator, dtype=torch.float64) * 2 - 1 if draw % 2 == 0 else \
+        torch.randn(t.shape, generator=generator, dtype=torch.float64)
+    return (values * scale).to(t.dtype)
 
 
 def _tensors_first(leaves: list) -> list:
@@ -74,8 +97,9 @@ def _input_names(ep: ExportedProgram) -> list[str]:
             and hasattr(s.arg, "name") and not hasattr(s.arg, "value")]
 
 
-def _embedding_bounds(ep: ExportedProgram) -> dict[str, int]:
-    """{integer input name: rows of the table it indexes} for inputs that feed gathers directly."""
+def _integer_bounds(ep: ExportedProgram) -> dict[str, int]:
+    """{integer input name: how many values it may take} for inputs that feed gathers directly (rows of the
+    table) or give where a cache write starts (starts that fit)."""
     bounds: dict[str, int] = {}
     for node in ep.graph_module.graph.nodes:
         if node.op != "placeholder":
@@ -86,11 +110,25 @@ def _embedding_bounds(ep: ExportedProgram) -> dict[str, int]:
             seen.add(value)
             for user in value.users:
                 rows = _rows_indexed(user, value)
+                if rows is None:
+                    rows = _write_starts(user)
                 if rows is not None:
                     bounds[node.name] = min(rows, bounds.get(node.name, rows))
                 elif user.target in _SHAPE_ONLY and user.args and user.args[0] is value and user not in seen:
                     frontier.append(user)
     return bounds
+
+
+def _write_starts(user: fx.Node) -> int | None:
+    """For p in index = arange(S) + p of index_copy(cache, dim, index, src): how many starts fit (T - S + 1)."""
+    if user.target is not aten.add.Tensor or "val" not in user.meta or user.meta["val"].dim() != 1:
+        return None
+    for write in user.users:
+        if write.target is aten.index_copy.default and write.args[2] is user:
+            cache = write.args[0].meta.get("val") if isinstance(write.args[0], fx.Node) else None
+            if cache is not None:
+                return max(int(cache.shape[int(write.args[1])]) - int(user.meta["val"].shape[0]) + 1, 1)
+    return None
 
 
 def _rows_indexed(user: fx.Node, index: fx.Node) -> int | None:
