@@ -6,6 +6,14 @@ axis only in one exact form, so the rules emit this op instead.
 
 `anefx::output_copy(x)` is a copy of x that lowers to a MIL `identity`. Lowering puts it on an input the
 model returns as an output: coremltools treats `clone` as no op and would rename the input itself.
+
+`anefx::slice_write(x, update, axis, start)` is x with the block of update's shape at `start` along `axis`
+(at 0 on the other axes) replaced by `update`, and lowers to one MIL `slice_update` with begin = start: a KV
+cache write at consecutive positions (rewrites/kv_cache_write.py), in place on a CoreML state. `start` is a
+one-element integer tensor (a program input, e.g. the position of the first new token).
+
+coremltools gets a converter for aten `index_copy` as well (MIL `scatter` along the axis, mode update), so
+a write at positions the rule cannot prove consecutive still lowers, correctly if slower.
 """
 
 from __future__ import annotations
@@ -37,13 +45,34 @@ def _(x):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("anefx::slice_write", mutates_args=())
+def slice_write(x: torch.Tensor, update: torch.Tensor, axis: int, start: torch.Tensor) -> torch.Tensor:
+    begin = int(start.reshape(-1)[0])
+    axis = axis % x.dim()
+    if begin < 0 or begin + update.shape[axis] > x.shape[axis]:
+        raise IndexError(f"slice_write: positions {begin}..{begin + update.shape[axis] - 1} are outside axis "
+                         f"{axis} of size {x.shape[axis]}")
+    region = [slice(0, n) for n in update.shape]
+    region[axis] = slice(begin, begin + update.shape[axis])
+    out = x.clone()
+    out[tuple(region)] = update
+    return out
+
+
+@slice_write.register_fake
+def _(x, update, axis, start):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def _register_converters() -> None:
     import logging
+
+    import numpy as np
 
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.frontend.torch.ops import _get_inputs
-    from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY, register_torch_op
 
     @register_torch_op(torch_alias=["anefx::layer_norm"])
     def anefx_layer_norm(context, node):
@@ -59,6 +88,25 @@ def _register_converters() -> None:
     def anefx_output_copy(context, node):
         (x,) = _get_inputs(context, node, expected=1)
         context.add(mb.identity(x=x, name=node.name))
+
+    @register_torch_op(torch_alias=["anefx::slice_write"])
+    def anefx_slice_write(context, node):
+        x, update, axis, start = _get_inputs(context, node, expected=4)
+        axis = int(axis.val) % x.rank
+        start = mb.reshape(x=mb.cast(x=start, dtype="int32"), shape=[1])
+        before, after = np.zeros(axis, dtype=np.int32), np.zeros(x.rank - axis - 1, dtype=np.int32)
+        begin = mb.concat(values=[v for v in (before, start, after) if not isinstance(v, np.ndarray) or v.size],
+                          axis=0)
+        end = mb.add(x=begin, y=np.array(update.shape, dtype=np.int32))
+        context.add(mb.slice_update(x=x, update=update, begin=begin, end=end, name=node.name))
+
+    if _TORCH_OPS_REGISTRY.get_func("index_copy") is None:  # coremltools 9 has none
+        @register_torch_op(torch_alias=["index_copy"])
+        def anefx_index_copy(context, node):
+            x, dim, index, source = _get_inputs(context, node, expected=4)
+            index = mb.cast(x=index, dtype="int32")
+            context.add(mb.scatter(data=x, indices=index, updates=source, axis=int(dim.val), mode="update",
+                                   name=node.name))
 
 
 _register_converters()

@@ -111,7 +111,7 @@ def _integer_bounds(ep: ExportedProgram) -> dict[str, int]:
             for user in value.users:
                 rows = _rows_indexed(user, value)
                 if rows is None:
-                    rows = _write_starts(user)
+                    rows = _write_starts(user, value)
                 if rows is not None:
                     bounds[node.name] = min(rows, bounds.get(node.name, rows))
                 elif user.target in _SHAPE_ONLY and user.args and user.args[0] is value and user not in seen:
@@ -119,15 +119,17 @@ def _integer_bounds(ep: ExportedProgram) -> dict[str, int]:
     return bounds
 
 
-def _write_starts(user: fx.Node) -> int | None:
-    """For p in index = arange(S) + p of index_copy(cache, dim, index, src): how many starts fit (T - S + 1)."""
-    if user.target is not aten.add.Tensor or "val" not in user.meta or user.meta["val"].dim() != 1:
+def _write_starts(user: fx.Node, start: fx.Node) -> int | None:
+    """For p in index_copy(cache, dim, arange(S) + p, …): how many starts keep the write in the cache."""
+    if user.target is not aten.add.Tensor or user.kwargs.get("alpha", 1) != 1 or start not in user.args:
+        return None
+    ramp = user.args[1] if user.args[0] is start else user.args[0]
+    if not (isinstance(ramp, fx.Node) and ramp.target is aten.arange.default and isinstance(ramp.args[0], int)):
         return None
     for write in user.users:
-        if write.target is aten.index_copy.default and write.args[2] is user:
-            cache = write.args[0].meta.get("val") if isinstance(write.args[0], fx.Node) else None
-            if cache is not None:
-                return max(int(cache.shape[int(write.args[1])]) - int(user.meta["val"].shape[0]) + 1, 1)
+        if write.target is aten.index_copy.default and write.args[2] is user and isinstance(write.args[0], fx.Node):
+            size = int(write.args[0].meta["val"].shape[int(write.args[1])])
+            return max(size - ramp.args[0] + 1, 1)
     return None
 
 

@@ -1,6 +1,7 @@
 """The rule library: one file per rule, and the one ordered list the pipeline runs."""
 
 from rewrites import (
+    kv_cache_write,
     layernorm_channels,
     layout_bc1s,
     linear_to_conv1x1,
@@ -9,13 +10,15 @@ from rewrites import (
     split_head_attention,
 )
 
-# Order matters: norms first (their patterns read the graph as exported), then projections, then
+# Order matters: norms first (their patterns read the graph as exported), then projections, cache writes
+# (a KV cache written at consecutive positions becomes a slice write that attention reads), then
 # attention (it reads q/k/v through the projections' layout ops), the channel norms, and finally the
 # layout of everything in between, which removes the conversions the earlier rules left. An SDPA that
 # stays fused is guarded against fully masked rows (this one runs on every compute unit).
 RULES = [
     rmsnorm_to_layernorm.RULE,
     linear_to_conv1x1.RULE,
+    kv_cache_write.RULE,
     split_head_attention.RULE,
     sdpa_masked_rows.RULE,
     layernorm_channels.RULE,

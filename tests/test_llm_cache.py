@@ -78,3 +78,68 @@ def test_a_rule_that_writes_the_state_wrongly_is_rolled_back_even_when_outputs_a
     _, records, _ = run_pipeline(ep, [bad], example, tolerance=Tolerance(), never_worse=False)
     assert records[-1].status == "rolled-back"
     assert "state cache" in records[-1].detail and "what the next call reads" in records[-1].detail
+
+
+# -- kv_cache_write: a write at consecutive positions → one slice_update on the state -----------------------
+
+class StridedCache(ToyCache):
+    """Writes every other position: not a slice, so the rule refuses and the write lowers to a scatter."""
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.cache.index_copy_(2, torch.arange(x.shape[2]) * 2 + pos.reshape(()), self.proj(x))
+        return self.cache.sum(2)
+
+
+def _lower_and_load(ep, tmp_path, name: str):
+    import anefx.mil
+    from anefx.lower import lower, mil_histogram
+
+    mlmodel = lower(ep, input_names=["x", "pos"], output_names=["out"], precision="fp32", load=False)
+    mlmodel.save(str(tmp_path / f"{name}.mlpackage"))
+    return mil_histogram(mlmodel), anefx.mil.load_mlpackage(tmp_path / f"{name}.mlpackage", "fp32")
+
+
+def _calls_match(model: ToyCache, runner, seq: int) -> None:
+    """Three calls in a row: the package's state carries what the model's buffer carries."""
+    reference = ToyCache().eval()
+    reference.load_state_dict(model.state_dict())
+    for pos in (0, 3, 9):
+        x = torch.randn(1, 2, seq, 4)
+        with torch.no_grad():
+            expected = reference(x, torch.tensor([pos]))
+        got = runner(x=x.numpy(), pos=torch.tensor([pos]).numpy())["out"]
+        torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_write_becomes_a_slice_update_on_the_state(tmp_path):
+    from rewrites import kv_cache_write
+
+    model = ToyCache().eval()
+    ep, example = toy_program(model=model)
+    after, records, _ = run_pipeline(ep, [kv_cache_write.RULE], example, never_worse=False)
+    assert records[-1].status == "applied" and records[-1].op_delta["anefx.slice_write"] == 1
+    assert "index_copy" not in {n.target.__name__ for n in after.graph_module.graph.nodes if n.op == "call_function"}
+    mil_ops, runner = _lower_and_load(after, tmp_path, "toy")
+    assert {"read_state", "slice_update", "coreml_update_state"} <= set(mil_ops) and "scatter" not in mil_ops
+    assert dict(runner.program.states)["cache"].dtype == "float16"  # CoreML states are fp16
+    _calls_match(model, runner, 3)
+
+
+def test_a_write_at_strided_positions_is_refused_and_lowers_to_a_scatter(tmp_path):
+    from rewrites import kv_cache_write
+
+    model = StridedCache().eval()
+    ep, example = toy_program(seq=3, model=model)
+    after, records, _ = run_pipeline(ep, [kv_cache_write.RULE], example, never_worse=False)
+    (refusal,) = records[-1].refusals
+    assert "not arange(S) + an offset" in refusal.reason and "index = torch.arange(S) + position" in refusal.reason
+    mil_ops, runner = _lower_and_load(after, tmp_path, "strided")
+    assert "scatter" in mil_ops and "slice_update" not in mil_ops
+    reference = StridedCache().eval()
+    reference.load_state_dict(model.state_dict())
+    for pos in (0, 5):
+        x = torch.randn(1, 2, 3, 4)
+        with torch.no_grad():
+            expected = reference(x, torch.tensor([pos]))
+        got = runner(x=x.numpy(), pos=torch.tensor([pos]).numpy())["out"]
+        torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-5, atol=1e-5)
