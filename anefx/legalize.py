@@ -80,6 +80,9 @@ def legalize(ep: ExportedProgram) -> Counter:
             done["where_scalar"] += 1
         elif node.target in POOLING and _write_defaults(node):
             done["pool_defaults"] += 1
+        elif node.target in NEW_FILLED:
+            _full_form(node)
+            done["new_filled"] += 1
     done["folded"] = fold_constants(ep)
     finish(ep)
     return +done
@@ -231,6 +234,20 @@ def _default_scale(node: fx.Node) -> bool:
         return False
     head_dim = node.args[0].meta["val"].shape[-1]
     return math.isclose(float(scale), 1 / math.sqrt(int(head_dim)), rel_tol=1e-9)
+
+
+# x.new_ones(shape) & co. read only x's dtype: as `full` they are input-free (folded) and coremltools converts them
+NEW_FILLED = {aten.new_ones.default: 1, aten.new_zeros.default: 0, aten.new_full.default: None}
+
+
+def _full_form(node: fx.Node) -> None:
+    value = NEW_FILLED[node.target]
+    if value is None:
+        value = node.args[2] if len(node.args) > 2 else node.kwargs["fill_value"]
+    dtype = node.kwargs.get("dtype") or node.meta["val"].dtype
+    node.target = aten.full.default
+    node.args = (list(node.args[1]), value)
+    node.kwargs = {"dtype": dtype, "device": torch.device("cpu")}
 
 
 def fold_constants(ep: ExportedProgram) -> int:

@@ -75,3 +75,18 @@ def test_data_dependent_experts_are_refused_with_the_setting_that_converts():
     assert not any(op in name for name in ops(after) for op in ("histc", "grouped_mm", "nonzero"))
     with torch.no_grad():
         assert_outputs_close(after.module()(ids), model(ids, use_cache=False).logits)
+
+
+class NewFilled(torch.nn.Module):  # the x.new_ones(...) form of HF's sliding-window masks
+    def forward(self, x):
+        return x + x.new_ones((2, 3)) * 2 + x.new_zeros(3) + x.new_full((2, 3), 5.0)
+
+
+def test_new_ones_zeros_full_become_constants_that_lower():
+    x = torch.randn(2, 3)
+    _, after, records = rewrite(NewFilled(), (x,), [])
+    assert "new_filled: 3" in records[0].detail
+    assert not any(name.startswith("aten.new_") for name in ops(after))
+    torch.testing.assert_close(after.module()(x), NewFilled()(x), rtol=0, atol=0)
+    c = anefx.compile(NewFilled(), (x,), precision="fp32", progress=False)  # coremltools has no new_ones
+    assert c.verify()["output"].max_abs < 1e-5
