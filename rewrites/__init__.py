@@ -8,20 +8,26 @@ from rewrites import (
     rmsnorm_to_layernorm,
     sdpa_masked_rows,
     split_head_attention,
+    split_wide_conv,
+    split_wide_embedding,
 )
 
 # Order matters: norms first (their patterns read the graph as exported), then projections, cache writes
 # (a KV cache written at consecutive positions becomes a slice write that attention reads), then
 # attention (it reads q/k/v through the projections' layout ops), the channel norms, and finally the
 # layout of everything in between, which removes the conversions the earlier rules left. An SDPA that
-# stays fused is guarded against fully masked rows (this one runs on every compute unit).
+# stays fused is guarded against fully masked rows (this one runs on every compute unit). Projections and
+# embedding tables wider than the Neural Engine's 16384 are split after attention (which reads the
+# projections whole) and before the layout (which gathers each embedding piece into (B, C, 1, S)).
 RULES = [
     rmsnorm_to_layernorm.RULE,
     linear_to_conv1x1.RULE,
     kv_cache_write.RULE,
     split_head_attention.RULE,
+    split_wide_conv.RULE,
     sdpa_masked_rows.RULE,
     layernorm_channels.RULE,
+    split_wide_embedding.RULE,
     layout_bc1s.RULE,
 ]
 

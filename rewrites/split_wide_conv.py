@@ -1,0 +1,124 @@
+"""split_wide_conv: a convolution (or linear) with more than 16384 output channels runs as balanced pieces.
+
+Before (an LM head after `linear_to_conv1x1`, vocabulary 40000)::
+
+    w4 = aten.view(p_lm_head_weight, [40000, 64, 1, 1])
+    y4 = aten.convolution(x4, w4, None, …)                          # (1, 40000, 1, S)
+
+After (ceil(40000 / 16384) = 3 pieces of 13334, 13333, 13333 channels)::
+
+    w_0 = aten.slice(w4, 0, 0, 13334)                               # constants: coremltools folds them
+    y_0 = aten.convolution(x4, w_0, None, …)                        # (1, 13334, 1, S)
+    …
+    y4  = aten.cat([y_0, y_1, y_2], 1)                              # (1, 40000, 1, S)
+
+A linear that remains (a rank the projection rule does not take, or compute units without the Neural
+Engine when the rule is chosen explicitly) is split the same way, its pieces concatenated on the last axis.
+The weight and bias are sliced in the graph (views of the model's tensors; nothing is copied or changed in
+place), so the rewrite is exact: each output channel is computed by the same dot product as before.
+`anefx.llm.head` turns the cat into separate outputs (or an in-model argmax) so that no tensor of the
+saved program is wider than 16384.
+
+Why: the Neural Engine holds no tensor dimension over 16384 (Apple, "Deploying Transformers on the Apple
+Neural Engine"); a wider convolution — every LM head: 32000, 128256, 151936 — cannot be placed on it at
+all. Split, the pieces can, and the cat is the only wide op left (in a program that must return the
+full logits).
+
+Default rules: yes. It matches nothing in a program without a wide projection (no cost), and where it
+matches it adds k - 1 convolutions and one cat, no transpose or reshape: the never-worse guard's
+predicted layout cost is unchanged (tests/test_head_split.py checks both on a vocabulary-40000 Llama).
+
+Refuses: a weight computed in the program (slicing it would keep its wide tensor), grouped and
+transposed convolutions (their output channels do not map to weight rows one to one).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from anefx.graph import emit, is_constant, shape
+from anefx.rule import Context, Refusal, Rule
+
+aten = torch.ops.aten
+MAX_CHANNELS = 16384  # the largest tensor dimension the Neural Engine holds
+CONV = aten.convolution.default
+LINEAR = aten.linear.default
+
+
+def piece_sizes(channels: int, max_channels: int = MAX_CHANNELS) -> list[int]:
+    """ceil(channels / max_channels) sizes that differ by at most one and add up to `channels`."""
+    count = -(-channels // max_channels)
+    base, extra = divmod(channels, count)
+    return [base + 1] * extra + [base] * (count - extra)
+
+
+def piece_bounds(sizes: list[int]) -> list[tuple[int, int]]:
+    """[(start, end)] of consecutive pieces of these sizes."""
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def _refusal(node: fx.Node, ctx: Context) -> str | None:
+    weight = node.args[1]
+    if not is_constant(weight, ctx.ep):
+        return "the weight is computed in the program: slicing it would keep its wide tensor"
+    if node.target is CONV and (node.args[6] or node.args[8] != 1):
+        return "a transposed or grouped convolution: its output channels are not one weight row each"
+    return None
+
+
+def _wide(node: fx.Node, max_channels: int) -> bool:
+    return (node.op == "call_function" and node.target in (CONV, LINEAR)
+            and isinstance(node.args[1], fx.Node) and shape(node.args[1])[0] > max_channels)
+
+
+def _split(node: fx.Node, ctx: Context, max_channels: int) -> fx.Node:
+    """cat([op(x, w[a:b], bias[a:b]) for each piece]) on the channel axis."""
+    graph, weight = ctx.graph, node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+
+    def op(target, *args):
+        return emit(graph, target, args, origin=node, rule=ctx.rule)
+
+    pieces = []
+    for start, end in piece_bounds(piece_sizes(shape(weight)[0], max_channels)):
+        w = op(aten.slice.Tensor, weight, 0, start, end)
+        b = None if bias is None else op(aten.slice.Tensor, bias, 0, start, end)
+        pieces.append(op(node.target, node.args[0], w, b, *node.args[3:]))
+    axis = 1 if node.target is CONV else len(shape(node)) - 1
+    return op(aten.cat.default, pieces, axis)
+
+
+def make_rule(max_channels: int = MAX_CHANNELS) -> Rule:
+    """The rule for another limit (tests use small ones); RULE is the Neural Engine's 16384."""
+
+    def run(ctx: Context) -> tuple[int, list[Refusal]]:
+        split, refusals = 0, []
+        for node in [n for n in ctx.graph.nodes if _wide(n, max_channels)]:
+            reason = _refusal(node, ctx)
+            if reason is not None:
+                refusals.append(Refusal(_where(node), node.name, reason))
+                continue
+            with ctx.graph.inserting_before(node):
+                node.replace_all_uses_with(_split(node, ctx, max_channels))
+            ctx.graph.erase_node(node)
+            split += 1
+        return split, refusals
+
+    return Rule(name="split_wide_conv",
+                summary=f"a conv / linear with more than {max_channels} output channels runs as balanced pieces "
+                        "and a cat (the Neural Engine holds no dimension over 16384)",
+                run=run)
+
+
+def _where(node: fx.Node) -> str:
+    from anefx.graph import module_path
+
+    return module_path(node) or node.name
+
+
+RULE = make_rule()
