@@ -215,29 +215,38 @@ def _manifest(model: torch.nn.Module, options: LLMOptions) -> LLMManifest:
 
 def _lower_chunks(rewritten: dict[str, ExportedProgram], options: LLMOptions, folder: Path,
                   say: Any) -> list[ChunkSpec]:
-    """Lower each chunk's functions and merge them into one package per chunk."""
-    chunk_programs = {fn: [ep] for fn, ep in rewritten.items()}  # one chunk: the whole model
-    layers = _layer_count(rewritten["decode"])
+    """Cut both programs at the same layer boundaries, lower each chunk's two functions and merge them into
+    one package per chunk."""
+    from anefx.llm.chunks import plan_chunks, split_program
+
+    say("plan chunks")
+    per_float = 2 if options.precision == "fp16" else 4
+    plan = plan_chunks([rewritten["prefill"], rewritten["decode"]], options.max_chunk_bytes,
+                       options.max_chunk_ops, bytes_per_float=per_float)
+    chunks = {fn: split_program(ep, plan, bytes_per_float=per_float) for fn, ep in rewritten.items()}
     specs = []
-    for index in range(len(chunk_programs["decode"])):
+    for index, layers in enumerate(plan.ranges):
         name = f"chunk_{index}.mlpackage"
         singles = {}
         for fn in FUNCTIONS:
-            say(f"lower chunk {index} {fn}")
-            singles[fn] = _lower_one(chunk_programs[fn][index], options, folder / f".{index}-{fn}.mlpackage")
-        say(f"merge chunk {index} functions")
+            say(f"lower chunk {index + 1}/{len(plan.ranges)} {fn}")
+            chunk = chunks[fn][index]
+            singles[fn] = _lower_one(chunk.program, options, folder / f".{index}-{fn}.mlpackage",
+                                     chunk.inputs, chunk.outputs)
+        say(f"merge chunk {index + 1}/{len(plan.ranges)} functions")
         _save_multifunction(singles, folder / name)
         for path in singles.values():
             shutil.rmtree(path, ignore_errors=True)
-        specs.append(_chunk_spec(folder / name, [0, layers]))
+        specs.append(_chunk_spec(folder / name, [layers.start, layers.stop]))
     return specs
 
 
-def _lower_one(ep: ExportedProgram, options: LLMOptions, path: Path) -> Path:
+def _lower_one(ep: ExportedProgram, options: LLMOptions, path: Path, inputs: list[str] | None = None,
+               outputs: list[str] | None = None) -> Path:
     from anefx.lower import lower
 
-    inputs = list(ep.graph_signature.user_inputs)
-    outputs = ["logits"] if len(ep.graph_signature.user_outputs) == 1 else list(ep.graph_signature.user_outputs)
+    inputs = inputs or list(ep.graph_signature.user_inputs)
+    outputs = outputs or ["logits"]
     mlmodel = lower(ep, input_names=inputs, output_names=outputs, compute_units=options.compute_units,
                     deployment_target=options.deployment_target, precision=options.precision, load=False)
     mlmodel.save(str(path))
@@ -294,8 +303,3 @@ def largest_dimension(program: Any) -> int:
 
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-def _layer_count(ep: ExportedProgram) -> int:
-    mutated = ep.graph_signature.buffers_to_mutate.values()
-    return len([n for n in mutated if n.startswith("k_cache_")])
