@@ -12,7 +12,9 @@ import itertools
 
 import torch
 
+from anefx.graph import shape
 from anefx.rule import Match, Pattern
+from rewrites.attention_batched import unbatched
 from rewrites.attention_sources import read_scores, weights_times_values
 
 aten = torch.ops.aten
@@ -76,11 +78,27 @@ def patterns() -> list[Pattern]:
                              f"{', dropout in eval' if clone else ''}", _softcapped(clone, dtype),
                              lambda: (*qkv(), mask), meta={"kind": "eager", "scale": "mul", "mask": True,
                                                            "softcap": True}))
-    for matmul, clone, dtype in itertools.product((True, False), repeat=3):  # last: any other eager attention
-        found.append(Pattern(f"softmax(scores) @ v ({'matmul' if matmul else 'bmm'}{', clone' * clone}"
-                             f"{', float32' * dtype})", weights_times_values(matmul, clone, dtype),
-                             lambda m=matmul: (torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 8)) if m else
-                             (torch.randn(8, 4, 4), torch.randn(8, 4, 8)), meta={"kind": "scores"}))
+    return found + _weights_times_values()  # last: any other eager attention
+
+
+def _weights_times_values() -> list[Pattern]:
+    """softmax(scores) @ v with the scores written any way (read by read_scores): matmul on (B, H, S, S) or bmm
+    on (B·H, S, S), dropout in eval (clone) or not, a float32 softmax cast back to fp16 / bf16 or not."""
+    def example(matmul: bool, dtype: torch.dtype):
+        if matmul:
+            return torch.randn(1, 2, 4, 4, dtype=dtype), torch.randn(1, 2, 4, 8, dtype=dtype)
+        return torch.randn(8, 4, 4, dtype=dtype), torch.randn(8, 4, 8, dtype=dtype)
+
+    found = []
+    for matmul, clone, dtype, cast in itertools.product((True, False), (True, False), (True, False),
+                                                        (None, torch.float16, torch.bfloat16)):
+        if cast is not None and not dtype:
+            continue  # softmax in the scores' own dtype needs no cast back
+        name = (f"softmax(scores) @ v ({'matmul' if matmul else 'bmm'}{', clone' * clone}{', float32' * dtype}"
+                f"{f', to {cast}' if cast else ''})")
+        found.append(Pattern(name, weights_times_values(matmul, clone, dtype, cast),
+                             lambda m=matmul, c=cast: example(m, c or torch.float32),
+                             meta={"kind": "scores", "float32": dtype, "cast": cast}))
     return found
 
 
@@ -98,7 +116,12 @@ def attention_args(match: Match) -> dict:
         scores = read_scores(match.inputs[0])
         if isinstance(scores, str):
             return {"unsplit": scores}
-        return scores | {"v": match.inputs[1], "dropout": 0.0, "is_causal": False, "gqa": False, "sdpa": False}
+        v = match.inputs[1]
+        if len(shape(v)) == 3:  # bmm on (B·H, S_k, d): the (B, H, S_k, d) tensor it views
+            v = unbatched(v, *shape(scores["q"])[:2]) or v
+        return scores | {"v": v, "dropout": 0.0, "is_causal": False, "gqa": False, "sdpa": False,
+                         "softmax_dtype": torch.float32 if match.pattern.meta["float32"] else None,
+                         "cast": match.pattern.meta["cast"]}
     q, k, v = match.inputs[:3]
     scale = 1.0
     if match.pattern.meta["scale"] != "none":

@@ -4,6 +4,7 @@ axis 1, einsum with the values, heads concatenated on the channel axis (see spli
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
@@ -11,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from anefx.graph import add_constant, constant_value, shape
+from rewrites.attention_batched import bias_heads
 from rewrites.attention_heads import HeadTensors, strip_repeat
 
 aten = torch.ops.aten
@@ -27,19 +29,16 @@ class PerHeadAttention(HeadTensors):
         scale = a["scale"] if a["scale"] is not None else 1 / math.sqrt(d)
         keys = self._keys_transposed(k, kv_heads, d)  # (B, S_k, 1, d) per kv head
         values = [self.head(v, j) for j in range(v_heads)]
-        masks = self._masks(a["mask"], a["is_causal"], heads, sq, sk)
+        masks = self._masks(self._additive_mask(a, b, heads), a["is_causal"], heads, sq, sk)
         kept = self._rows_kept(masks) if a["sdpa"] else []
         outputs = []
         for h in range(heads):
-            q_h = self.op(aten.mul.Tensor, self.head(q, h), scale)  # (B, d, 1, S_q)
+            q_h = self.head(q, h)  # (B, d, 1, S_q); SDPA scales q, eager attention its scores (fp16 rounding)
+            q_h = self.op(aten.mul.Tensor, q_h, self._scalar(scale, q)) if a["sdpa"] else q_h
             w = self.op(aten.einsum.default, "bchq,bkhc->bkhq", [q_h, keys[h // group]])  # (B, S_k, 1, S_q)
-            if a.get("softcap"):  # Gemma2: tanh(s / cap) · cap
-                w = self.op(aten.mul.Tensor, self.op(aten.tanh.default, self.op(aten.div.Tensor, w, a["softcap"])),
-                            a["softcap"])
+            w = self.op(aten.mul.Tensor, w, self._scalar(scale, w)) if not a["sdpa"] and scale != 1 else w
             mask = masks[h] if len(masks) > 1 else (masks[0] if masks else None)
-            if mask is not None:
-                w = self.op(aten.add.Tensor, w, mask)
-            w = self.op(aten._softmax.default, w, 1, False)
+            w = self._weights(w, mask, a)
             outputs.append(self.op(aten.einsum.default, "bkhq,bchk->bchq", [w, values[h // v_group]]))
             if len(kept) > 1:
                 outputs[-1] = self._zero_unless(kept[h], outputs[-1])
@@ -47,7 +46,59 @@ class PerHeadAttention(HeadTensors):
         if len(kept) == 1:
             out = self._zero_unless(kept[0], out)
         heads_view = self.op(aten.view.default, out, [b, heads, d, sq])  # (B, H, d, S_q)
-        return self.op(aten.permute.default, heads_view, [0, 1, 3, 2])  # (B, H, S_q, d), cancels downstream
+        out = self.op(aten.permute.default, heads_view, [0, 1, 3, 2])  # (B, H, S_q, d), cancels downstream
+        if len(shape(self.origin)) == 3:  # bmm on (B·H, S, d) (Bloom)
+            out = self.op(aten.view.default, out, list(shape(self.origin)))
+        return out
+
+    def _scalar(self, value: float, like: fx.Node) -> float | fx.Node:
+        """value, or a 0-d constant of like's dtype when that is not float32 (coremltools would promote an
+        fp16 tensor times a Python float to float32, and the einsums would then mix dtypes)."""
+        dtype = like.meta["val"].dtype
+        if dtype == torch.float32:
+            return value
+        key = ("scalar", value, dtype)
+        if key not in self.sources:
+            self.sources[key] = add_constant(self.ctx.ep, "attention_scalar", torch.tensor(value, dtype=dtype))
+        return self.sources[key]
+
+    def _weights(self, w: fx.Node, mask: fx.Node | None, a: dict) -> fx.Node:
+        """softmax over keys (axis 1) of one head's scores: soft-capped, masked, in the softmax's dtype."""
+        if a.get("softcap"):  # Gemma2: tanh(s / cap) · cap
+            cap = self._scalar(a["softcap"], w)
+            w = self.op(aten.mul.Tensor, self.op(aten.tanh.default, self.op(aten.div.Tensor, w, cap)), cap)
+        if mask is not None:
+            w = self.op(aten.add.Tensor, w, mask)
+        if a.get("softmax_dtype") not in (None, w.meta["val"].dtype):  # softmax(s, dtype=float32) of fp16 scores
+            w = self.op(aten._to_copy.default, w, dtype=a["softmax_dtype"])
+        w = self.op(aten._softmax.default, w, 1, False)
+        return self.op(aten._to_copy.default, w, dtype=a["cast"]) if a.get("cast") else w
+
+    def _additive_mask(self, a: dict, batch: int, heads: int):
+        """The mask, masked_fill's dropped positions (−inf) and a baddbmm bias (β · bias) as one additive mask
+        of logical shape (B|1, H|1, S_q|1, S_k); a constant when they all are."""
+        mask, dropped, bias = a["mask"], a.get("dropped"), a.get("bias")
+        if dropped is None and bias is None:
+            return mask
+        dtype = self.origin.meta["val"].dtype
+        terms = [(mask, "keep"), (dropped, "drop"), (bias, "bias")]
+        values = [constant_value(t, self.ctx.ep) if t is not None else None for t, _ in terms]
+        if all(v is not None for (t, _), v in zip(terms, values, strict=True) if t is not None):
+            total = sum(_additive(v, kind, dtype, a, batch, heads) for (t, kind), v in zip(terms, values, strict=True)
+                        if t is not None)
+            return add_constant(self.ctx.ep, "attention_bias", total)
+        parts = [self._additive_node(t, kind, dtype, a, batch, heads) for t, kind in terms if t is not None]
+        return functools.reduce(lambda x, y: self.op(aten.add.Tensor, x, y), parts)
+
+    def _additive_node(self, node: fx.Node, kind: str, dtype: torch.dtype, a: dict, batch: int, heads: int):
+        if kind == "bias":
+            node = self.op(aten.view.default, node, bias_heads(shape(node), batch, heads))
+            return node if a["bias_beta"] == 1 else self.op(aten.mul.Tensor, node, self._scalar(a["bias_beta"], node))
+        if node.meta["val"].dtype != torch.bool:
+            return node
+        zero = add_constant(self.ctx.ep, "mask_keep", torch.zeros((), dtype=dtype))
+        inf = add_constant(self.ctx.ep, "mask_drop", torch.full((), float("-inf"), dtype=dtype))
+        return self.op(aten.where.self, node, *((zero, inf) if kind == "keep" else (inf, zero)))
 
     def _rows_kept(self, masks: list[fx.Node]) -> list[fx.Node]:
         """SDPA returns 0 for a query whose keys are all masked, where softmax over −inf alone is NaN:
@@ -110,6 +161,16 @@ class PerHeadAttention(HeadTensors):
         if per_head:
             return [self.op(aten.slice.Tensor, moved, 2, h, h + 1) for h in range(heads)]
         return [moved]
+
+
+def _additive(value: torch.Tensor, kind: str, dtype: torch.dtype, a: dict, batch: int, heads: int) -> torch.Tensor:
+    """A constant mask term as an additive (…, S_q|1, S_k) tensor of the scores' dtype."""
+    if kind == "bias":
+        return (value.reshape(bias_heads(tuple(value.shape), batch, heads)) * a["bias_beta"]).to(dtype)
+    if value.dtype == torch.bool:
+        keep = value if kind == "keep" else ~value
+        return torch.zeros(value.shape, dtype=dtype).masked_fill(~keep, float("-inf"))
+    return value.to(dtype)
 
 
 def whole_channels(parts: list[fx.Node]) -> fx.Node | None:

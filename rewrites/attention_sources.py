@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from anefx.graph import shape
+from rewrites.attention_batched import read_batched_scores
 
 aten = torch.ops.aten
 INDEX_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
@@ -141,14 +142,15 @@ def is_row_chain(node: fx.Node, is_constant) -> bool:
             and node.args[0].target in ROW_OPS and row_chain_ok(node.args[0], is_constant) is None)
 
 
-_SPLIT = ("only q @ k.transpose(-1, -2) on (B, H, S, d) tensors, a scale, a soft-cap tanh(s / cap) · cap and an "
-          "added mask or bias are split per head")
+_SPLIT = ("only q @ k.transpose(-1, -2) on (B, H, S, d) tensors, a scale, a soft-cap tanh(s / cap) · cap, an "
+          "added mask or bias and masked_fill(mask, float('-inf')) are split per head")
 
 
-def weights_times_values(matmul: bool, clone: bool, dtype: bool):
-    """Pattern: softmax(scores, -1) [float32] [dropout in eval: clone] @ v, scores written any way."""
+def weights_times_values(matmul: bool, clone: bool, dtype: bool, cast: torch.dtype | None = None):
+    """Pattern: softmax(scores, -1) [float32] [.to(cast)] [dropout in eval: clone] @ v, scores written any way."""
     def fn(scores, v):
         weights = torch.softmax(scores, -1, dtype=torch.float32) if dtype else torch.softmax(scores, -1)
+        weights = weights.to(cast) if cast is not None else weights  # fp16 / bf16 eager: back to v's dtype
         weights = weights.clone() if clone else weights
         if matmul:
             return torch.matmul(weights, v)
@@ -161,32 +163,42 @@ def read_scores(scores: fx.Node) -> dict | str:
     """q, k, scale, softcap, mask of scores = [tanh(]q @ kᵀ · scale[ / cap) · cap] [+ mask] on (B, H, S, d),
     or what the scores are instead, in words."""
     found: dict = {"mask": None, "softcap": None, "scale": 1.0}
-    node = scores
-    if node.target is aten.add.Tensor and isinstance(node.args[1], fx.Node) and node.kwargs.get("alpha", 1) == 1:
-        node, found["mask"] = node.args
+    node = _peel_masks(scores, found)
+    if isinstance(node, str):
+        return node
     if (node.target is aten.mul.Tensor and _target(node.args[0]) is aten.tanh.default
             and _target(node.args[0].args[0]) is aten.div.Tensor and node.args[0].args[0].args[1] == node.args[1]):
         found["softcap"], node = node.args[1], node.args[0].args[0].args[0]
     while node.target in (aten.mul.Tensor, aten.div.Tensor) and isinstance(node.args[1], float | int):
         found["scale"] *= node.args[1] if node.target is aten.mul.Tensor else 1 / node.args[1]
         node = node.args[0]
-    if node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
-        node = node.args[0]  # (B·H, S, S) scores viewed as (B, H, S, S)
-        if node.target is not aten.baddbmm.default:
-            return "its scores are computed on (B·H, S, d) tensors; " + _SPLIT
-    if node.target is aten.baddbmm.default:
-        return ("its scores are a baddbmm on (B·H, S, d) tensors (an additive bias such as alibi); write them as "
-                "q @ k.transpose(-1, -2) * scale + bias on (B, H, S, d) tensors, or pass the bias as "
-                "scaled_dot_product_attention's attn_mask")
+    if node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.baddbmm.default):
+        return read_batched_scores(node, found)  # (B·H, S, S) scores viewed as (B, H, S, S): Bloom's alibi
     if node.target is not aten.matmul.default or len(shape(node)) != 4:
-        what = "on (B·H, S, d) tensors" if len(shape(node)) == 3 else f"come from a {node.target.__name__} op"
-        return f"its scores are {what}; " + _SPLIT
+        what = "are on (B·H, S, d) tensors" if len(shape(node)) == 3 else \
+            f"come from a {node.target.__name__.split('.')[0]} op"
+        return f"its scores {what}; " + _SPLIT
     q, kt = node.args
     if _target(kt) is not aten.transpose.int or sorted(d % 4 for d in kt.args[1:3]) != [2, 3]:
         return "its keys are not transposed as k.transpose(-1, -2) right before q @ kᵀ"
     if not isinstance(found["softcap"], float | int | None):
         return "its soft-cap is a tensor"
     return found | {"q": q, "k": kt.args[0]}
+
+
+def _peel_masks(scores: fx.Node, found: dict) -> fx.Node | str:
+    """scores without their added mask (found["mask"]) and masked_fill(…, mask, -inf) (found["dropped"])."""
+    node = scores
+    for _ in range(2):  # either order
+        if node.target is aten.masked_fill.Scalar and found.get("dropped") is None:  # nanoGPT's tril buffer
+            if node.args[2] != float("-inf"):
+                return (f"its scores are masked_fill'ed with {node.args[2]}, not float('-inf'); fill them with "
+                        "float('-inf') or add the mask (0 where kept, -inf where dropped) to the scores")
+            node, found["dropped"] = node.args[0], node.args[1]
+        elif (node.target is aten.add.Tensor and isinstance(node.args[1], fx.Node) and found["mask"] is None
+              and node.kwargs.get("alpha", 1) == 1):
+            node, found["mask"] = node.args
+    return node
 
 
 def _target(node):

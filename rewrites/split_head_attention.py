@@ -34,8 +34,21 @@ Variants (q/k/v sources found by index in rewrites/attention_sources.py, proven 
         q_h = slice(qkv4, 1, 3d·h, 3d·h + d);  k_h = slice(qkv4, 1, 3d·h + d, …);  v_h likewise
     Before (eager with float32 softmax and dropout in eval; T5 relative-position bias; Gemma2 soft-cap)::
         w = clone(softmax(tanh(q @ kᵀ · scale / cap) · cap + bias, -1, float32));  o = w @ v
+    After (eager attention is scaled where the model scales it: on the scores, as fp16 rounds it)::
+        w_h = softmax(tanh(einsum(q_h, k_h) · scale / cap) · cap + bias_h', 1)    # bias_h' (B, S_k, 1, S_q)
+    Before (nanoGPT: a registered tril buffer, masked_fill with -inf)::
+        w = softmax(masked_fill(q @ kᵀ · scale, tril == 0, -inf), -1);  o = w @ v
     After::
-        w_h = softmax(tanh(einsum(q_h · scale, k_h) / cap) · cap + bias_h', 1)    # bias_h' (B, S_k, 1, S_q)
+        w_h = softmax(einsum(q_h, k_h) · scale + drop', 1)      # drop' a 0 / -inf constant (1, S_k, 1, S_q)
+    Before (fp16 / bf16 eager, HF's eager_attention_forward)::
+        w = clone(softmax(s, -1, float32).to(float16));  o = w @ v
+    After::
+        w_h = _to_copy(softmax(_to_copy(s_h, float32), 1), float16)
+    Before (Bloom: alibi added by a baddbmm on (B·H, S, d) views; rewrites/attention_batched.py)::
+        s = view(baddbmm(alibi, view(q, [B·H, S, d]), transpose(view(k, [B·H, S, d]), -1, -2), β, α), [B, H, S, S])
+        o = bmm(view(softmax(s + mask, -1, float32), [B·H, S, S]), view(v, [B·H, S, d]))
+    After::
+        w_h = softmax(einsum(q_h, k_h) · α + (β · alibi + mask)_h', 1);  o = view(o4 as (B, H, S, d), [B·H, S, d])
 
 Why: the ANE runs small 4-D einsums/matmuls with softmax over the channel axis well; a rank-4
 (B, H, S, S) attention with softmax over the last axis, and the reshapes/transposes around it, are
@@ -43,12 +56,14 @@ slow there (Apple, "Deploying Transformers on the Apple Neural Engine", 2022).
 
 Refuses: dropout in attention, a mask that does not broadcast to (…, S_q, S_k), q/k/v produced by ops it
 cannot follow per head (reported with the op), ops before the head split that mix heads; any other
-softmax(scores) @ v it finds is refused with what its scores are (Bloom's alibi baddbmm on (B·H, S, d)) and
-how to write them so they split — never left fused in silence.
+softmax(scores) @ v it finds is refused with what its scores are (masked_fill with a finite value, scores
+from another op, (B·H, S, d) tensors that are not views of (B, H, S, d) ones) and how to write them so they
+split — never left fused in silence.
 
 Modules: attention_patterns (the forms matched, q/k/v/mask/scale read from a match), attention_heads
 (q/k/v followed back to the projections, head h built as a (B, d, 1, S) slice), attention_per_head (the
-per-head einsum attention and its masks), attention_sources (where each head lives in a projection).
+per-head einsum attention and its masks), attention_sources (where each head lives in a projection, the
+scores read), attention_batched (scores on (B·H, S, d) views: Bloom).
 """
 
 from __future__ import annotations
@@ -77,13 +92,13 @@ def check(match: Match, ctx: Context) -> str | None:
     (_, h, sq, _), (_, hk, sk, _) = shape(a["q"]), shape(a["k"])
     if h % hk:
         return f"{h} query heads do not group over {hk} key/value heads"
-    mask = a["mask"]
-    if mask is not None and (not isinstance(mask, fx.Node) or len(shape(mask)) > 4 or len(shape(mask)) < 2
-                             or shape(mask)[-2] not in (1, sq) or shape(mask)[-1] not in (1, sk)):
-        return f"mask of shape {shape(mask) if isinstance(mask, fx.Node) else mask} does not broadcast to " \
-               f"(…, {sq}, {sk})"
-    if mask is not None and len(shape(mask)) == 4 and shape(mask)[1] not in (1, h):
-        return f"mask with {shape(mask)[1]} head entries for {h} heads"
+    for mask in (a["mask"], a.get("dropped")):
+        if mask is not None and (not isinstance(mask, fx.Node) or len(shape(mask)) > 4 or len(shape(mask)) < 2
+                                 or shape(mask)[-2] not in (1, sq) or shape(mask)[-1] not in (1, sk)):
+            return f"mask of shape {shape(mask) if isinstance(mask, fx.Node) else mask} does not broadcast to " \
+                   f"(…, {sq}, {sk})"
+        if mask is not None and len(shape(mask)) == 4 and shape(mask)[1] not in (1, h):
+            return f"mask with {shape(mask)[1]} head entries for {h} heads"
     try:
         HeadTensors(ctx, match.output).plan(a)
     except Unfollowable as exc:

@@ -191,7 +191,7 @@ def test_additive_per_head_bias_with_float32_softmax_and_dropout(tmp_path):
 
 
 class AlibiAttention(torch.nn.Module):
-    """Bloom's attention: baddbmm(alibi, q, kᵀ) on (B·H, S, d): left fused, with a reason."""
+    """Bloom's attention: baddbmm(alibi, q, kᵀ) on (B·H, S, d) views of (B, H, S, d) tensors."""
 
     def __init__(self):
         super().__init__()
@@ -206,14 +206,11 @@ class AlibiAttention(torch.nn.Module):
         return self.o(out.transpose(1, 2).reshape(B, S, C))
 
 
-def test_alibi_baddbmm_is_refused_naming_the_construct_and_the_fix():
-    model, x = AlibiAttention().eval(), torch.randn(B, S, C)
-    c = anefx.compile(model, (x,), progress=False, package_check="skip")
-    record = next(p for p in c.passes if p.name == "split_head_attention")
-    assert record.matches == 0 and len(record.refusals) == 1
-    reason = record.refusals[0].reason
-    assert "baddbmm" in reason and "q @ k.transpose(-1, -2) * scale + bias" in reason and "attn_mask" in reason
-    torch.testing.assert_close(c.rewritten.module()(x), model(x), rtol=1e-4, atol=1e-5)
+def test_alibi_baddbmm_on_batched_heads_is_split_per_head(tmp_path):
+    torch.manual_seed(0)
+    c, s = assert_split_per_head(AlibiAttention().eval(), (torch.randn(B, S, C),), tmp_path, H)
+    assert ops(c.rewritten)["baddbmm"] == 0 and ops(c.rewritten)["bmm"] == 0
+    assert s["types"]["einsum"] == 2 * H
 
 
 def test_hf_t5_encoder_relative_position_bias_is_split():
