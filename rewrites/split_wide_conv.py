@@ -42,7 +42,9 @@ from anefx.rule import Context, Refusal, Rule
 
 aten = torch.ops.aten
 MAX_CHANNELS = 16384  # the largest tensor dimension the Neural Engine holds
-CONV = aten.convolution.default
+CONV = aten.convolution.default  # what linear_to_conv1x1 emits: (x, w, b, stride, padding, dilation, transposed, …)
+CONV_ND = {aten.conv1d.default, aten.conv1d.padding, aten.conv2d.default, aten.conv2d.padding,
+           aten.conv3d.default, aten.conv3d.padding}  # (x, w, b, stride, padding, dilation, groups), as exported
 LINEAR = aten.linear.default
 
 
@@ -68,11 +70,13 @@ def _refusal(node: fx.Node, ctx: Context) -> str | None:
         return "the weight is computed in the program: slicing it would keep its wide tensor"
     if node.target is CONV and (node.args[6] or node.args[8] != 1):
         return "a transposed or grouped convolution: its output channels are not one weight row each"
+    if node.target in CONV_ND and (node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)) != 1:
+        return "a grouped convolution: its output channels are not one weight row each"
     return None
 
 
 def _wide(node: fx.Node, max_channels: int) -> bool:
-    return (node.op == "call_function" and node.target in (CONV, LINEAR)
+    return (node.op == "call_function" and (node.target in (CONV, LINEAR) or node.target in CONV_ND)
             and isinstance(node.args[1], fx.Node) and shape(node.args[1])[0] > max_channels)
 
 
@@ -80,16 +84,17 @@ def _split(node: fx.Node, ctx: Context, max_channels: int) -> fx.Node:
     """cat([op(x, w[a:b], bias[a:b]) for each piece]) on the channel axis."""
     graph, weight = ctx.graph, node.args[1]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    kwargs = {k: v for k, v in node.kwargs.items() if k != "bias"}
 
-    def op(target, *args):
-        return emit(graph, target, args, origin=node, rule=ctx.rule)
+    def op(target, *args, **kwargs):
+        return emit(graph, target, args, kwargs, origin=node, rule=ctx.rule)
 
     pieces = []
     for start, end in piece_bounds(piece_sizes(shape(weight)[0], max_channels)):
         w = op(aten.slice.Tensor, weight, 0, start, end)
         b = None if bias is None else op(aten.slice.Tensor, bias, 0, start, end)
-        pieces.append(op(node.target, node.args[0], w, b, *node.args[3:]))
-    axis = 1 if node.target is CONV else len(shape(node)) - 1
+        pieces.append(op(node.target, node.args[0], w, b, *node.args[3:], **kwargs))
+    axis = len(shape(node)) - 1 if node.target is LINEAR else 1
     return op(aten.cat.default, pieces, axis)
 
 

@@ -7,7 +7,7 @@ Before (vocabulary 40000)::
 After (pieces of 13334, 13333, 13333 rows; every piece is gathered with its own clamped index)::
 
     t_0 = aten.slice(p_embed_tokens_weight, 0, 0, 13334)            # constants: coremltools folds them
-    e_0 = aten.embedding(t_0, aten.clamp_max(input_ids, 13333))   # ids ≥ 13334 read row 13333, unused
+    e_0 = aten.embedding(t_0, aten.where(input_ids < 0, input_ids - 13334, aten.clamp_max(input_ids, 13333)))
     t_1 = aten.slice(p_embed_tokens_weight, 0, 13334, 26667)
     e_1 = aten.embedding(t_1, aten.clamp_max(aten.clamp_min(aten.sub(input_ids, 13334), 0), 13332))
     t_2 = aten.slice(p_embed_tokens_weight, 0, 26667, 40000)
@@ -16,16 +16,18 @@ After (pieces of 13334, 13333, 13333 rows; every piece is gathered with its own 
     e   = aten.where(aten.lt(ids, 13334), e_0, aten.where(aten.lt(ids, 26667), e_1, e_2))
 
 Exact: an id is answered by the piece that holds its row (the first and last row of each piece
-included); the other pieces read a clamped row that `where` does not select. Ids outside the table keep
-the behaviour they had: the first piece is not clamped below and the last not clamped above, so a
-negative id or one ≥ the vocabulary reaches a gather out of its range, which torch refuses (IndexError)
-and anefx's MIL interpreter refuses (an out-of-bound gather, undefined on the device) — as for the
-unsplit table. No id silently reads another id's row.
+included); the other pieces read a clamped row that `where` does not select. An id outside the table
+reaches a gather out of its piece's range — one ≥ the vocabulary the last piece unclamped above, a
+negative one the first piece shifted below −13334 — which torch refuses (IndexError, as for the whole
+table) and anefx's MIL interpreter refuses (an out-of-bound gather, undefined on the device). No id
+silently reads another id's row. (An unsplit `aten.embedding` lowers with coremltools' wrap of negative
+indices, so there −1 reads the last row; the shift keeps the split program from doing the same.)
 
 Why: the Neural Engine holds no tensor dimension over 16384, and the saved program of an LLM must have
 none (issue 11); a table of (vocabulary, hidden) has one. The gathers run on the CPU either way
-(gather is not an ANE layer); the split costs 3 small elementwise ops per piece on (B, S, C), no
-transpose or reshape (the layout rule gathers each piece straight into (B, C, 1, S) at batch 1).
+(gather is not an ANE layer); the split costs a few integer ops on the ids (B, S) per piece and one
+select on (B, S, C) per piece boundary, no transpose or reshape (the layout rule gathers each piece
+straight into (B, C, 1, S) at batch 1).
 
 Default rules: yes, for the same reasons as `split_wide_conv`: nothing to match without a wide table, and
 the never-worse guard's predicted layout cost is unchanged where it matches.
@@ -60,11 +62,14 @@ def _split(node: fx.Node, ctx: Context, max_rows: int) -> fx.Node:
     bounds = piece_bounds(piece_sizes(shape(table)[0], max_rows))
     gathered = []
     for k, (start, end) in enumerate(bounds):
-        local = ids if start == 0 else op(aten.sub.Tensor, ids, start)
-        if k > 0:  # the first piece keeps negative ids out of its range, as the whole table did
-            local = op(aten.clamp_min.default, local, 0)
-        if k < len(bounds) - 1:  # the last keeps ids ≥ the vocabulary out of its range
-            local = op(aten.clamp_max.default, local, end - start - 1)
+        if k == 0:  # a negative id stays out of range, even where lowering wraps negative indices
+            local = op(aten.where.self, op(aten.lt.Scalar, ids, 0), op(aten.sub.Tensor, ids, end),
+                       op(aten.clamp_max.default, ids, end - 1))
+        elif k < len(bounds) - 1:
+            local = op(aten.clamp_max.default, op(aten.clamp_min.default, op(aten.sub.Tensor, ids, start), 0),
+                       end - start - 1)
+        else:  # the last piece keeps ids ≥ the vocabulary out of its range
+            local = op(aten.clamp_min.default, op(aten.sub.Tensor, ids, start), 0)
         gathered.append(op(EMBEDDING, op(aten.slice.Tensor, table, 0, start, end), local, *node.args[2:]))
     column = op(aten.unsqueeze.default, ids, -1)  # (..., 1): broadcasts over the embedding's channels
     selected = gathered[-1]
