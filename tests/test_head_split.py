@@ -50,6 +50,10 @@ def wide_tensors(program) -> list[tuple[str, str, tuple]]:
 CONVOLUTIONS = (aten.convolution.default, aten.conv2d.default, aten.conv1d.padding)
 
 
+def transposes(program) -> int:
+    return sum(op.type == "transpose" for op in program.operations)
+
+
 def conv_channels(ep) -> list[int]:
     return [n.meta["val"].shape[1] for n in ep.graph_module.graph.nodes if n.target in CONVOLUTIONS]
 
@@ -130,6 +134,8 @@ def test_argmax_in_model_is_torch_argmax(llama, tmp_path):
     assert list(ep.graph_signature.user_outputs) == ["token", "token_logit"]
     program = read_program(saved(ep, ["input_ids"], ["token", "token_logit"], tmp_path / "a.mlpackage"))
     assert wide_tensors(program) == [] and "reduce_argmax" not in {op.type for op in program.operations}
+    logits_program = read_program(c.save(tmp_path / "llama.mlpackage"))
+    assert transposes(program) == transposes(logits_program) - 1  # the logits' transpose is gone, none added
     outputs = load_mlpackage(tmp_path / "a.mlpackage", precision="fp32")(input_ids=ids.numpy())
     assert outputs["token"].dtype == np.int32
     np.testing.assert_array_equal(outputs["token"], expected.argmax(-1).numpy())
@@ -163,12 +169,29 @@ def test_ties_give_the_lowest_id_as_torch_argmax(tmp_path):
     model, ids, wanted = _tied_model()
     with torch.no_grad():
         assert model(ids).argmax(-1)[0].tolist() == wanted  # what torch picks
-    c = anefx.compile(model, (ids,), precision="fp32", package_check="skip")
-    ep = argmax_in_model(c.rewritten)
+    _, rewritten, _ = rewrite(model, (ids,), anefx.default_rules(), verify=False)
+    ep = argmax_in_model(rewritten)
     assert ep.module()(ids)[0][0].tolist() == wanted
     outputs = load_mlpackage(saved(ep, ["ids"], ["token", "token_logit"], tmp_path / "t.mlpackage"))(ids=ids.numpy())
     assert outputs["token"][0].tolist() == wanted
     assert outputs["token_logit"][0].tolist() == [1.0, 0.0, 1.0, 2.0, 1.0]
+
+
+def test_argmax_of_one_position_and_of_a_batch(tmp_path):
+    torch.manual_seed(0)
+    model = TinyLM(VOCAB, 8).eval()
+    for ids in (torch.tensor([[26667]]), torch.randint(0, VOCAB, (2, 3))):  # decode (S = 1); batch 2
+        _, rewritten, _ = rewrite(model, (ids,), anefx.default_rules(), verify=False)
+        wanted = model(ids).argmax(-1)
+        token, logit = argmax_in_model(rewritten).module()(ids)
+        assert torch.equal(token, wanted.int()) and token.shape == ids.shape
+        last, _ = argmax_in_model(rewritten, positions="last").module()(ids)
+        assert torch.equal(last, wanted[:, -1:].int())
+    ep = argmax_in_model(rewrite(model, (ids[:1, :1],), anefx.default_rules(), verify=False)[1])
+    program = read_program(saved(ep, ["ids"], ["token", "token_logit"], tmp_path / "d.mlpackage"))
+    assert transposes(program) == 0
+    assert load_mlpackage(tmp_path / "d.mlpackage")(ids=ids[:1, :1].numpy())["token"].tolist() == \
+        model(ids[:1, :1]).argmax(-1).tolist()
 
 
 def test_embedding_pieces_answer_every_id_and_refuse_ids_outside(tmp_path):
@@ -224,7 +247,7 @@ def test_vocabulary_151936_is_ten_pieces():
     torch.manual_seed(0)
     model = TinyLM(151936, 4).eval()
     ids = torch.tensor([[0, 15193, 15194, 151935, 77777]])
-    _, after, records = rewrite(model, (ids,), anefx.default_rules())
+    _, after, records = rewrite(model, (ids,), anefx.default_rules(), verify=False)  # numerics checked below
     assert {r.name: r.status for r in records}["split_wide_conv"] == "applied"
     assert conv_channels(after) == piece_sizes(151936) and len(conv_channels(after)) == 10
     assert ops(after)["embedding"] + ops(after)["index_select"] == 10
@@ -239,3 +262,34 @@ def test_a_program_without_lm_logits_is_refused():
     ep = torch.export.export(TwoOutputs(), (torch.randn(2, 3),)).run_decompositions({})
     with pytest.raises(HeadError, match="whose one user output is the logits"):
         logits_in_pieces(ep)
+
+
+@pytest.mark.slow
+def test_stateful_decoder_head_in_pieces_and_argmax(tmp_path):
+    """The LLM path: a KV-cache program (buffer mutations as CoreML states) keeps its states and signature."""
+    from anefx.llm.capture import CachedDecoder, export_stateful
+    from anefx.pipeline import run_pipeline
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2,
+                                               vocab_size=VOCAB)).eval()
+    ids, position = torch.tensor([[0, 13334, 26666, 39999]]), torch.tensor([0])
+    with torch.no_grad():
+        expected = model(ids).logits
+    ep = export_stateful(CachedDecoder(model, 32), 4)
+    rewritten, _, _ = run_pipeline(ep, anefx.default_rules(), ((ids, position), {}), verify=False)
+    feed = {"input_ids": ids.numpy().astype(np.int32), "position": position.numpy().astype(np.int32)}
+    pieces, sizes = logits_in_pieces(rewritten)
+    argmax = argmax_in_model(rewritten)
+    for name, program in (("pieces", pieces), ("argmax", argmax)):
+        assert program.graph_signature.buffers_to_mutate == rewritten.graph_signature.buffers_to_mutate
+        path = saved(program, ["input_ids", "position"], list(program.graph_signature.user_outputs),
+                     tmp_path / f"{name}.mlpackage")
+        read = read_program(path)
+        assert len(read.states) == 4 and wide_tensors(read) == []
+        outputs = load_mlpackage(path, precision="fp32")(**feed)
+        if name == "pieces":
+            np.testing.assert_allclose(concat_logits(outputs, sizes), expected.numpy(), rtol=1e-4, atol=1e-4)
+        else:
+            np.testing.assert_array_equal(outputs["token"], expected.argmax(-1).numpy())

@@ -216,7 +216,24 @@ def _argmax_over_pieces(ep: ExportedProgram, head: Head) -> tuple[fx.Node, fx.No
 
 
 def _squeezed(head: Head, reduced: fx.Node, graph: fx.Graph) -> fx.Node:
-    """A keepdim reduction of the pieces in the output's layout, without its (unit) vocabulary axis."""
+    """A keepdim reduction of the pieces in the output's layout, without its (unit) vocabulary axis. When the
+    head's layout ops only move unit axes of it (the (B, 1, 1, S) of a (B, V, 1, S) head), squeezes and
+    unsqueezes do it (no transpose); otherwise the layout ops are replayed."""
+    rank = len(shape(reduced))
+    final = [a for a in _axis_labels(head.chain, rank) if a != head.axis]
+    sizes = shape(reduced)
+    kept = [a for a in final if a is not None and sizes[a] != 1]
+    if kept == sorted(kept) and set(kept) == {a for a in range(rank) if sizes[a] != 1}:
+        def op(target, *args):
+            return emit(graph, target, args, origin=head.output, rule=RULE)
+
+        units = [a for a in range(rank) if sizes[a] == 1]
+        node = op(aten.squeeze.dims, reduced, units if kept else units[:-1])  # (…non-unit) or (1,): never 0-d
+        target = [1 if a is None else sizes[a] for a in final]
+        for i, size in enumerate(target if kept else target[1:]):
+            if size == 1:
+                node = op(aten.unsqueeze.default, node, i)
+        return node
     laid_out = _replay(head.chain, reduced, graph)
     return emit(graph, aten.squeeze.dims, (laid_out, [len(shape(laid_out)) - 1]), origin=head.output, rule=RULE)
 
@@ -226,9 +243,11 @@ def _last_position(head: Head, graph: fx.Graph) -> None:
     (a 1×1 convolution or a linear), otherwise each piece's output."""
     rank = len(shape(head.pieces[0]))
     position_axis = _source_axis(head.chain, rank, len(shape(head.output)) - 2)
-    if position_axis is None or position_axis == head.axis:
+    if position_axis == head.axis:
         raise HeadError("the logits have no position axis before the vocabulary; positions='last' needs (…, S, "
                         "vocabulary) logits.")
+    if position_axis is None:  # a unit axis the layout ops inserted: one position (S = 1), already the last
+        return
     length = shape(head.pieces[0])[position_axis]
     inputs = {p.args[0] for p in head.pieces}
     if all(_pointwise(p) for p in head.pieces) and len(inputs) == 1:
