@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import re
 from collections.abc import Callable
@@ -21,10 +22,57 @@ from torch.export.graph_signature import (
 )
 from torch.utils import _pytree as pytree
 
+from anefx.errors import AnefxError
+
 # Nodes that lower to no MIL op of their own.
 _FREE = {operator.getitem, torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten.sym_size.int,
          torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default}
+STATE_OPS = 2  # MIL ops a state adds besides the graph's own nodes: read_state, coreml_update_state
 _LIFTED = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ)
+
+
+class ChunkingError(AnefxError):
+    """A program that cannot be cut into chunks within the limits, or a plan that does not fit the program."""
+
+
+def layer_of(node: fx.Node, container: str | None = None) -> int | None:
+    """The decoder layer a node belongs to (from its nn_module_stack), or None outside every layer. `container`
+    is the module list's path (found from node's graph when not given: pass it when asking for many nodes)."""
+    container = layer_container(node.graph) if container is None else container
+    if not container:
+        return None
+    for path in module_paths(node):
+        if path.startswith(container + "."):
+            index = path[len(container) + 1:].split(".", 1)[0]
+            if index.isdigit():
+                return int(index)
+    return None
+
+
+_SLICE = re.compile(r"\.slice\([^)]*\)")  # a sliced ModuleList (`self.layers[:n]`) in a module path
+
+
+def module_paths(node: fx.Node) -> list[str]:
+    """Every module path of a node's nn_module_stack, outermost first, as dotted paths."""
+    from anefx.graph import _clean_path
+
+    stack = node.meta.get("nn_module_stack") or {}
+    return [_SLICE.sub("", _clean_path(str(path))) for path, _cls in stack.values()]
+
+
+def layer_container(graph: fx.Graph) -> str:
+    """The module list of the repeated blocks: the `<prefix>` of `<prefix>.<i>` paths covering the most nodes
+    (ties: the shorter prefix). "" when no module path ends in an index."""
+    covered: dict[str, set[fx.Node]] = {}
+    for node in graph.nodes:
+        for path in module_paths(node):
+            parts = path.split(".")
+            for i, part in enumerate(parts[1:], start=1):
+                if part.isdigit():
+                    covered.setdefault(".".join(parts[:i]), set()).add(node)
+    if not covered:
+        return ""
+    return max(covered, key=lambda prefix: (len(covered[prefix]), -len(prefix)))
 
 
 class ProgramLayers:
@@ -33,8 +81,6 @@ class ProgramLayers:
     place) or constants (other buffers, lifted constants)."""
 
     def __init__(self, ep: ExportedProgram):
-        from anefx.llm.chunks import ChunkingError, layer_container, layer_of
-
         self.ep = ep
         self.graph = ep.graph_module.graph
         signature = ep.graph_signature
@@ -104,11 +150,12 @@ class ProgramLayers:
     def cost(self, layers: range, bytes_per_float: int, ops_per_node: float) -> tuple[int, int]:
         """(weight bytes as stored, predicted MIL ops) of a chunk of these layers. States are not stored."""
         nodes = self.nodes_of(layers)
-        weight = sum(_stored_bytes(self.tensor(p), bytes_per_float) for p in self.lifted_read(nodes)
-                     if self.kind[p] != "state")
+        lifted = self.lifted_read(nodes)
+        weight = sum(_stored_bytes(self.tensor(p), bytes_per_float) for p in lifted if self.kind[p] != "state")
         counted = [n for n in nodes if n.op == "call_function" and n.target not in _FREE
                    and (self.reads_input.get(n) or n in self.home)]
-        return weight, int(-(-len(counted) * ops_per_node // 1))
+        states = sum(self.kind[p] == "state" for p in lifted)  # each lowers to a read_state and an update
+        return weight, math.ceil(len(counted) * ops_per_node) + STATE_OPS * states
 
     def tensor(self, placeholder: fx.Node) -> torch.Tensor:
         target = self.specs[placeholder].target
@@ -118,10 +165,8 @@ class ProgramLayers:
         index = {h: i for i, r in enumerate(ranges) for h in (r if self.layers else range(0, 1))}
         return lambda node: index[self.home[node]]
 
-    def check_states(self, chunk_of: Callable[[fx.Node], int], ranges: list[range]) -> None:
+    def check_states(self, chunk_of: Callable[[fx.Node], int]) -> None:
         """Each state must be read and written in one chunk (a CoreML state belongs to one package)."""
-        from anefx.llm.chunks import ChunkingError
-
         for p, kind in self.kind.items():
             users = [u for u in p.users if u in self.home]
             chunks = sorted({chunk_of(u) for u in users})
@@ -174,8 +219,9 @@ def crossing_names(view: ProgramLayers, crossing: dict[fx.Node, tuple[int, int]]
                    ) -> dict[fx.Node, str]:
     """Names of the values entering `chunk` (whose first layer is `first_layer`): the residual stream is
     `hidden_states_<first_layer>`, other values are named after the module that made them."""
-    entering = [n for n, (made, last) in crossing.items() if made < chunk <= last]
     stream = _stream(view, crossing, chunk)
+    entering = [n for n, (made, last) in crossing.items() if made < chunk <= last]
+    entering.sort(key=lambda n: n is not stream)  # the residual stream first, then graph order
     names, taken = {}, set()
     for node in entering:
         base = "hidden_states" if node is stream else _module_name(view, node)
@@ -198,8 +244,6 @@ def _stream(view: ProgramLayers, crossing: dict[fx.Node, tuple[int, int]], chunk
 
 
 def _module_name(view: ProgramLayers, node: fx.Node) -> str:
-    from anefx.llm.chunks import module_paths
-
     paths = module_paths(node)
     path = paths[-1] if paths else ""
     if view.container and path.startswith(view.container + "."):
@@ -238,7 +282,7 @@ def build_chunk(view: ProgramLayers, chunk_of: Callable[[fx.Node], int], index: 
     graph.output(tuple(out_nodes))
     program = _program(view, graph, in_specs, out_specs, names)
     inputs = [s.arg.name for s in in_specs if s.kind == InputKind.USER_INPUT]
-    crossing_of = {name: node.name for node, name in (entering | leaving).items()}
+    crossing_of = {name: node.name for names in (entering, leaving) for node, name in names.items()}
     return program, inputs, names, states, crossing_of
 
 

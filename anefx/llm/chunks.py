@@ -24,27 +24,34 @@ mutations, the CoreML states) of its own layers; the model's outputs come from t
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
 from torch.export import ExportedProgram
 
-from anefx.errors import AnefxError, OptionError
-from anefx.llm.chunk_graph import ProgramLayers, build_chunk, crossing_values
+from anefx.errors import OptionError
+from anefx.llm.chunk_graph import (
+    ChunkingError,
+    ProgramLayers,
+    build_chunk,
+    crossing_values,
+    layer_container,
+    layer_of,
+    module_paths,
+)
 
-# Predicted MIL ops per counted FX node (call_function nodes that read a user input or a state; constant
-# subgraphs fold into weights and getitem/asserts lower to nothing). Measured after lowering the tiny Llama and
-# GPT-2 test models, prefill and decode, with and without anefx's rules: MIL ops / counted FX nodes was
-# 0.45-0.98. The largest ratio is used, so predictions are upper bounds on those models.
-MIL_OPS_PER_FX_NODE = 1.0
+__all__ = ["Chunk", "ChunkPlan", "ChunkingError", "layer_container", "layer_of", "module_paths", "plan_chunks",
+           "run_chunks", "split_program"]
+
+# Predicted MIL ops of a chunk: 1.1 per counted FX node (a call_function node that reads a user input, a state or
+# a layer's value: constant subgraphs fold into weights, getitem and asserts lower to nothing) + 2 per state
+# (read_state, coreml_update_state). Measured by lowering the tiny Llama, Qwen2 and GPT-2 (4 layers), prefill and
+# decode, legalized only and after the default rules, whole and one layer per chunk: MIL ops / (counted nodes +
+# 2 per state) was 0.74-1.09, so with 1.1 the prediction is an upper bound on those programs (legalized-only
+# graphs are overestimated by up to ~25%: coremltools folds their views and copies).
+MIL_OPS_PER_FX_NODE = 1.1
 FP16_BYTES = 2  # weights are stored in fp16 in an fp16 package: 2 bytes per float element
-
-
-class ChunkingError(AnefxError):
-    """A program that cannot be cut into chunks within the limits, or a plan that does not fit the program."""
 
 
 @dataclass
@@ -74,46 +81,6 @@ class Chunk:
     weight_bytes: int
     predicted_ops: int
     crossing: dict[str, str] = field(default_factory=dict)  # output or input name → the original node's name
-
-
-def layer_of(node: fx.Node, container: str | None = None) -> int | None:
-    """The decoder layer a node belongs to (from its nn_module_stack), or None outside every layer. `container`
-    is the module list's path (found from node's graph when not given: pass it when asking for many nodes)."""
-    container = layer_container(node.graph) if container is None else container
-    if not container:
-        return None
-    for path in module_paths(node):
-        if path.startswith(container + "."):
-            index = path[len(container) + 1:].split(".", 1)[0]
-            if index.isdigit():
-                return int(index)
-    return None
-
-
-_SLICE = re.compile(r"\.slice\([^)]*\)")
-
-
-def module_paths(node: fx.Node) -> list[str]:
-    """Every module path of a node's nn_module_stack, outermost first, as dotted paths."""
-    from anefx.graph import _clean_path
-
-    stack = node.meta.get("nn_module_stack") or {}
-    return [_SLICE.sub("", _clean_path(str(path))) for path, _cls in stack.values()]
-
-
-def layer_container(graph: fx.Graph) -> str:
-    """The module list of the repeated blocks: the `<prefix>` of `<prefix>.<i>` paths covering the most nodes
-    (ties: the shorter prefix). "" when no module path ends in an index."""
-    covered: dict[str, set[fx.Node]] = {}
-    for node in graph.nodes:
-        for path in module_paths(node):
-            parts = path.split(".")
-            for i, part in enumerate(parts[1:], start=1):
-                if part.isdigit():
-                    covered.setdefault(".".join(parts[:i]), set()).add(node)
-    if not covered:
-        return ""
-    return max(covered, key=lambda prefix: (len(covered[prefix]), -len(prefix)))
 
 
 # -- the plan ---------------------------------------------------------------------------------------------------
@@ -187,12 +154,13 @@ def _too_big(r: range, figures: tuple[int, int], view: ProgramLayers, max_bytes:
              bytes_per_float: int) -> None:
     weight, ops = figures
     if not len(r):
-        what = "the program (no repeated layers found to split between)"
+        what = "the program (it has no repeated layers to split between)"
     else:
-        path = f"{view.container}.{r.start}"
-        extras = [x for x, on in (("the embeddings", r.start == 0), ("the final norm and head",
-                                                                     r.stop == view.layers)) if on]
-        what = f"layer {r.start} ({path})" + (f" with {' and '.join(extras)}" if extras else "")
+        what = f"layer {r.start} ({view.container}.{r.start})" if len(r) == 1 else (
+            f"layers {r.start}-{r.stop - 1} (they share a cache state, so one chunk holds them all)")
+        extras = [x for x, on in (("the embeddings", r.start == 0), ("the final norm and head", r.stop == view.layers))
+                  if on]
+        what += f" with {' and '.join(extras)}" if extras else ""
     if weight > max_bytes:
         raise ChunkingError(
             f"{what} alone holds {weight:,} bytes of weights (floats at {bytes_per_float} bytes each), over "
@@ -213,8 +181,11 @@ def split_program(ep: ExportedProgram, plan: ChunkPlan | Sequence[range | tuple[
     view = ProgramLayers(ep)
     ranges = check_ranges(plan.ranges if isinstance(plan, ChunkPlan) else plan, view.layers)
     chunk_of = view.chunk_index(ranges)
-    view.check_states(chunk_of, ranges)
+    view.check_states(chunk_of)
     outputs = list(output_names) if output_names is not None else _default_output_names(ep)
+    if len(outputs) != len(ep.graph_signature.user_outputs):
+        raise OptionError(f"output_names={outputs!r}: the program has {len(ep.graph_signature.user_outputs)} "
+                          "outputs; pass one name per output.")
     crossing = crossing_values(view, chunk_of, len(ranges))
     chunks = []
     for index, layers in enumerate(ranges):
