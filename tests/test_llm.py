@@ -8,6 +8,7 @@ agreement, teacher-forced, as on the device.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ FAMILIES = {
                                                      bos_token_id=0, eos_token_id=0)),
 }
 CONTEXT, PREFILL = 64, 8
+CHUNK_OPS = 200  # MIL ops per chunk: one layer of the tiny Llama (predicted ~140-150 each)
 
 
 def build(family: str) -> torch.nn.Module:
@@ -199,3 +201,55 @@ def test_families_generate_like_hf(family, tmp_path):
         agree += int((top1 == reference.argmax(-1)[12:]).sum())
         total += len(top1)
     assert agree / total >= 0.99, (agree, total)
+
+
+def _program_dims(path: Path, function: str) -> int:
+    program = read_program(path, function)
+    consts = [v.shape for v in program.constants.values() if isinstance(v, np.ndarray) and v.ndim]
+    from anefx.llm.compile import largest_dimension
+
+    return max([largest_dimension(program), *(max(s) for s in consts)])
+
+
+@pytest.mark.slow
+def test_wide_vocabulary_is_split_and_argmax_in_model_gives_the_same_tokens(tmp_path):
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(**{**COMMON, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+                               "num_key_value_heads": 1, "vocab_size": 40000})
+    model = tf.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 40000, (1, 9))
+    expected = hf_generate(model, ids, 6)
+    lm = anefx.compile_llm(model, context_length=32, prefill_length=8, precision="fp32", progress=False)
+    pieces = lm.manifest.logits_pieces
+    assert sum(pieces) == 40000 and len(pieces) == 3 and max(pieces) <= 16384
+    folder = lm.save(tmp_path / "wide")
+    for fn in ("prefill", "decode"):
+        assert _program_dims(folder / "chunk_0.mlpackage", fn) <= 16384  # no tensor, state or weight wider
+    assert anefx.load_llm(folder, precision="fp32").generate(ids, 6, stop_at_eos=False) == expected
+    argmax = anefx.compile_llm(model, context_length=32, prefill_length=8, precision="fp32", argmax_in_model=True,
+                               progress=False)
+    (chunk,) = argmax.manifest.chunks
+    assert [t.name for t in chunk.functions["decode"].outputs] == ["token", "token_logit"]
+    assert argmax.generate(ids, 6, precision="fp32", stop_at_eos=False) == expected
+
+
+def test_small_max_chunk_ops_gives_chunks_that_generate_the_same(tmp_path):
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**{**COMMON, "num_hidden_layers": 4})).eval()
+    ids = torch.randint(0, VOCAB, (1, 10))
+    expected = hf_generate(model, ids, 8)
+    with pytest.raises(anefx.AnefxError, match="max_chunk_ops"):
+        anefx.compile_llm(model, context_length=32, prefill_length=8, max_chunk_ops=5, progress=False)
+    lm = anefx.compile_llm(model, context_length=32, prefill_length=8, precision="fp32", max_chunk_ops=CHUNK_OPS,
+                           progress=False)
+    chunks = lm.manifest.chunks
+    assert len(chunks) >= 3 and [c.layers for c in chunks][0][0] == 0 and chunks[-1].layers[1] == 4
+    assert all(c.functions["prefill"].ops <= CHUNK_OPS * 1.0 for c in chunks)
+    states = [s.name for c in chunks for s in c.states]
+    assert sorted(states) == sorted(f"{k}_cache_{i}" for i in range(4) for k in "kv")  # each state in one chunk
+    folder = lm.save(tmp_path / "chunked")
+    assert anefx.load_llm(folder, precision="fp32").generate(ids, 8, stop_at_eos=False) == expected
+    norms = [sum(op.type == "layer_norm" for op in read_program(folder / c.file, "decode").operations)
+             for c in chunks]
+    assert norms[-1] == 2 * (chunks[-1].layers[1] - chunks[-1].layers[0]) + 1  # the final norm once, at the end
+    assert all(n == 2 * (c.layers[1] - c.layers[0]) for n, c in zip(norms[:-1], chunks[:-1], strict=True))

@@ -137,10 +137,12 @@ def compile_llm(model: torch.nn.Module, context_length: int = 256, prefill_lengt
             rewritten[fn], passes[fn], _ = run_pipeline(
                 ep, chosen, example, verify=verify, tolerance=Tolerance(), progress=lambda s, fn=fn: say(f"{fn}: {s}"),
                 never_worse=rules is None)
+        manifest = _manifest(model, options)
+        outputs = _head_outputs(rewritten, manifest, options)
         folder = Path(tempfile.mkdtemp(prefix="anefx-llm-"))
-        lm = CompiledLLM(folder, _manifest(model, options), passes, rewritten)
+        lm = CompiledLLM(folder, manifest, passes, rewritten)
         weakref.finalize(lm, shutil.rmtree, str(folder), ignore_errors=True)
-        lm.manifest.chunks = _lower_chunks(rewritten, options, folder, say)
+        manifest.chunks = _lower_chunks(rewritten, options, folder, say, outputs)
         (folder / MANIFEST).write_text(lm.manifest.to_json(), encoding="utf-8")
         if package_check != "skip":
             say(f"check the chunks ({precision}, MIL interpreter)")
@@ -213,8 +215,24 @@ def _manifest(model: torch.nn.Module, options: LLMOptions) -> LLMManifest:
         deployment_target=options.deployment_target, anefx_version=__version__)
 
 
+def _head_outputs(rewritten: dict[str, ExportedProgram], manifest: LLMManifest, options: LLMOptions) -> list[str]:
+    """The programs' outputs without a dimension over 16384: `token` and `token_logit` with argmax_in_model,
+    else the logits — in pieces `logits_0..` when the vocabulary is wider (the programs change in place)."""
+    from anefx.llm.head import argmax_in_model, logits_in_pieces
+
+    if options.argmax_in_model:
+        for fn, ep in rewritten.items():
+            rewritten[fn] = argmax_in_model(ep)
+        return ["token", "token_logit"]
+    if manifest.vocab_size <= MAX_DIM:
+        return ["logits"]
+    for fn, ep in rewritten.items():
+        rewritten[fn], manifest.logits_pieces = logits_in_pieces(ep)
+    return [f"logits_{i}" for i in range(len(manifest.logits_pieces))]
+
+
 def _lower_chunks(rewritten: dict[str, ExportedProgram], options: LLMOptions, folder: Path,
-                  say: Any) -> list[ChunkSpec]:
+                  say: Any, outputs: list[str]) -> list[ChunkSpec]:
     """Cut both programs at the same layer boundaries, lower each chunk's two functions and merge them into
     one package per chunk."""
     from anefx.llm.chunks import plan_chunks, split_program
@@ -223,7 +241,8 @@ def _lower_chunks(rewritten: dict[str, ExportedProgram], options: LLMOptions, fo
     per_float = 2 if options.precision == "fp16" else 4
     plan = plan_chunks([rewritten["prefill"], rewritten["decode"]], options.max_chunk_bytes,
                        options.max_chunk_ops, bytes_per_float=per_float)
-    chunks = {fn: split_program(ep, plan, bytes_per_float=per_float) for fn, ep in rewritten.items()}
+    chunks = {fn: split_program(ep, plan, output_names=outputs, bytes_per_float=per_float)
+              for fn, ep in rewritten.items()}
     specs = []
     for index, layers in enumerate(plan.ranges):
         name = f"chunk_{index}.mlpackage"
