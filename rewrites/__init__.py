@@ -17,17 +17,17 @@ from rewrites import (
 # attention (it reads q/k/v through the projections' layout ops), the channel norms, and finally the
 # layout of everything in between, which removes the conversions the earlier rules left. An SDPA that
 # stays fused is guarded against fully masked rows (this one runs on every compute unit). Projections and
-# embedding tables wider than the Neural Engine's 16384 are split after attention (which reads the
-# projections whole) and before the layout (which gathers each embedding piece into (B, C, 1, S)).
+# embedding tables wider than the Neural Engine's 16384 are split first: the splits add no layout op, so
+# they stay when the never-worse guard rolls back the layout rules after them.
 RULES = [
+    split_wide_conv.RULE,
+    split_wide_embedding.RULE,
     rmsnorm_to_layernorm.RULE,
     linear_to_conv1x1.RULE,
     kv_cache_write.RULE,
     split_head_attention.RULE,
-    split_wide_conv.RULE,
     sdpa_masked_rows.RULE,
     layernorm_channels.RULE,
-    split_wide_embedding.RULE,
     layout_bc1s.RULE,
 ]
 

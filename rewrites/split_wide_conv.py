@@ -1,19 +1,21 @@
 """split_wide_conv: a convolution (or linear) with more than 16384 output channels runs as balanced pieces.
 
-Before (an LM head after `linear_to_conv1x1`, vocabulary 40000)::
+Before (an LM head, vocabulary 40000; the rule runs first, on the graph as exported)::
 
-    w4 = aten.view(p_lm_head_weight, [40000, 64, 1, 1])
-    y4 = aten.convolution(x4, w4, None, …)                          # (1, 40000, 1, S)
+    logits = aten.linear(h, p_lm_head_weight)                       # (1, S, 40000)
 
 After (ceil(40000 / 16384) = 3 pieces of 13334, 13333, 13333 channels)::
 
-    w_0 = aten.slice(w4, 0, 0, 13334)                               # constants: coremltools folds them
-    y_0 = aten.convolution(x4, w_0, None, …)                        # (1, 13334, 1, S)
+    w_0 = aten.slice(p_lm_head_weight, 0, 0, 13334)                 # constants: coremltools folds them
+    y_0 = aten.linear(h, w_0)                                       # (1, S, 13334)
     …
-    y4  = aten.cat([y_0, y_1, y_2], 1)                              # (1, 40000, 1, S)
+    logits = aten.cat([y_0, y_1, y_2], 2)                           # (1, S, 40000)
 
-A linear that remains (a rank the projection rule does not take, or compute units without the Neural
-Engine when the rule is chosen explicitly) is split the same way, its pieces concatenated on the last axis.
+`linear_to_conv1x1` turns each piece into a 1×1 convolution and `layout_bc1s` moves the cat to the channel
+axis: the program computes `cat([conv(x4, w_0), conv(x4, w_1), conv(x4, w_2)], 1)` on (B, C, 1, S).
+Convolutions of the model (`conv1d`/`conv2d`/`conv3d`, and `aten.convolution`) are split the same way on
+their channel axis.
+
 The weight and bias are sliced in the graph (views of the model's tensors; nothing is copied or changed in
 place), so the rewrite is exact: each output channel is computed by the same dot product as before.
 `anefx.llm.head` turns the cat into separate outputs (or an in-model argmax) so that no tensor of the
@@ -24,9 +26,17 @@ Neural Engine"); a wider convolution — every LM head: 32000, 128256, 151936 �
 all. Split, the pieces can, and the cat is the only wide op left (in a program that must return the
 full logits).
 
-Default rules: yes. It matches nothing in a program without a wide projection (no cost), and where it
-matches it adds k - 1 convolutions and one cat, no transpose or reshape: the never-worse guard's
-predicted layout cost is unchanged (tests/test_head_split.py checks both on a vocabulary-40000 Llama).
+Default rules: yes, and first. It matches nothing in a program without a wide projection (no cost), and
+where it matches it adds k - 1 projections and one cat, no transpose or reshape: the never-worse guard's
+predicted layout cost is unchanged (tests/test_head_split.py checks it on a vocabulary-40000 Llama). Being
+first, it stays when the guard rolls back later rules: a model whose layout rules are rolled back (an
+embedding straight into a head) still gets its head in pieces. The cost of running first: a projection over
+16384 that attention reads (a fused QKV that wide) is split before `split_head_attention` sees it, which
+may then leave that attention fused.
+
+Not covered: a head written as `x @ W` or `addmm` (HF heads are `nn.Linear`) becomes a wide convolution
+later, in `linear_to_conv1x1`; an MLP wider than 16384 (70B-class models) is split, but the cat of its
+pieces feeds the down projection whole.
 
 Refuses: a weight computed in the program (slicing it would keep its wide tensor), grouped and
 transposed convolutions (their output channels do not map to weight rows one to one).
