@@ -268,11 +268,13 @@ def _llm_report(folder: Path) -> None:
     table = Table(title=f"{folder.name}: {manifest.model}, context {manifest.context_length}, prefill "
                         f"{manifest.prefill_length}, output {manifest.output}")
     for column in ("chunk", "layers", "bytes", "ops (prefill / decode)", "functions", "states", "largest dim"):
-        table.add_column(column, justify="right" if column in ("bytes", "largest dim") else "left")
+        table.add_column(column, justify="right" if column in ("bytes", "largest dim") else "left",
+                         no_wrap=column in ("chunk", "functions"))
     for chunk in manifest.chunks:
         states = f"{len(chunk.states)} × {chunk.states[0].shape}" if chunk.states else "-"
         ops = " / ".join(str(chunk.functions[f].ops) for f in ("prefill", "decode"))
-        table.add_row(chunk.file, f"{chunk.layers[0]}–{chunk.layers[1] - 1}", human_bytes(chunk.bytes), ops,
+        table.add_row(chunk.file.removesuffix(".mlpackage"), f"{chunk.layers[0]}–{chunk.layers[1] - 1}",
+                      human_bytes(chunk.bytes), ops,
                       ", ".join(chunk.functions), states, str(chunk.largest_dim))
     console.print(table)
 
