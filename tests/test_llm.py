@@ -93,6 +93,7 @@ def test_package_structure(tiny):
         program = read_program(folder / chunk.file, fn)
         types = {op.type for op in program.operations}
         assert "read_state" in types and types & {"write_state", "coreml_update_state"}
+        assert "slice_update" in types and "scatter" not in types  # the cache written in place at `position`
         assert "linear" not in types
         ranks = [len(t.shape) for op in program.operations for _, t in op.outputs if t is not None and t.shape]
         assert max(ranks) <= 4
