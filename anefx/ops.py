@@ -93,7 +93,8 @@ def _register_converters() -> None:
     def anefx_slice_write(context, node):
         x, update, axis, start = _get_inputs(context, node, expected=4)
         axis = int(axis.val) % x.rank
-        start = mb.reshape(x=mb.cast(x=start, dtype="int32"), shape=[1])
+        start = mb.cast(x=start, dtype="int32")
+        start = start if start.shape == (1,) else mb.reshape(x=start, shape=[1])
         before, after = np.zeros(axis, dtype=np.int32), np.zeros(x.rank - axis - 1, dtype=np.int32)
         begin = mb.concat(values=[v for v in (before, start, after) if not isinstance(v, np.ndarray) or v.size],
                           axis=0)

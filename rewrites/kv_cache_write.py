@@ -28,6 +28,8 @@ from anefx.rule import Context, Refusal, Rule
 
 aten = torch.ops.aten
 ARANGES = (aten.arange.default, aten.arange.start, aten.arange.start_step)
+UNIT_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.squeeze.dims,
+              aten.squeeze.dim, aten.squeeze.default, aten.unsqueeze.default, aten.clone.default)
 
 
 def integer_values(node, ep) -> torch.Tensor | None:
@@ -62,6 +64,17 @@ def write_start(index: fx.Node, length: int, ctx: Context) -> tuple[fx.Node | in
     return None, "the written positions are not arange(S) + an offset"
 
 
+def as_vector(start: fx.Node) -> fx.Node:
+    """The (1,)-shaped tensor a one-element start is a view of, when there is one (the position input itself:
+    MIL's slice_update takes its begin as a vector, and a 0-d start would be reshaped back)."""
+    node = start
+    while node.target in UNIT_VIEWS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+        if shape(node) == (1,):
+            return node
+    return start
+
+
 def check(node: fx.Node, ctx: Context) -> str | None:
     _, dim, index, source = node.args
     if not isinstance(index, fx.Node) or len(shape(index)) != 1 or shape(index)[0] != shape(source)[dim]:
@@ -83,8 +96,8 @@ def run(ctx: Context) -> tuple[int, list[Refusal]]:
         cache, dim, index, source = node.args
         start = write_start(index, shape(index)[0], ctx)[0]
         with ctx.graph.inserting_before(node):
-            if isinstance(start, int):
-                start = add_constant(ctx.ep, "write_start", torch.tensor([start]))
+            start = add_constant(ctx.ep, "write_start", torch.tensor([start])) if isinstance(start, int) \
+                else as_vector(start)
             new = emit(ctx.graph, torch.ops.anefx.slice_write.default, (cache, source, dim % len(shape(cache)), start),
                        origin=node, rule=ctx.rule)
         node.replace_all_uses_with(new)

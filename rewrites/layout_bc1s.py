@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 
 from anefx.graph import emit, is_constant, shape
-from anefx.layout import BC1S, from_bc1s, simplify_layout_chains, to_physical
+from anefx.layout import BC1S, from_bc1s, is_layout_op, simplify_layout_chains, to_physical
 from anefx.rule import Context, Refusal, Rule
 
 aten = torch.ops.aten
@@ -102,20 +102,60 @@ def _embedding_refusal(node: fx.Node, ctx: Context) -> str | None:
 
 
 def _from_conv(node: fx.Node) -> bool:
-    """node = permute(squeeze(x4, [2]), [0, 2, 1]) with x4 in (B, C, 1, S): a free entry."""
-    if node.target is not aten.permute.default or list(node.args[1]) != [0, 2, 1]:
+    """node reads a (B, C, 1, S) tensor as (B, S, C) through layout ops (permute(squeeze(x4, [2]), [0, 2, 1]),
+    or squeezes and unsqueezes when S = 1): a free entry."""
+    if not is_layout_op(node) or len(shape(node)) != 3:
         return False
     sq = node.args[0]
-    return (isinstance(sq, fx.Node) and sq.target in (aten.squeeze.dims, aten.squeeze.dim)
-            and len(shape(sq.args[0])) == 4 and shape(sq.args[0])[2] == 1)
+    if (node.target is aten.permute.default and list(node.args[1]) == [0, 2, 1] and isinstance(sq, fx.Node)
+            and sq.target in (aten.squeeze.dims, aten.squeeze.dim) and len(shape(sq.args[0])) == 4
+            and shape(sq.args[0])[2] == 1):
+        return True
+    chain, source = [node], node.args[0]
+    while is_layout_op(source):
+        chain.append(source)
+        source = source.args[0]
+    if not isinstance(source, fx.Node) or len(shape(source)) != 4 or shape(source)[2] != 1:
+        return False
+    return _replays_as(chain[::-1], source, lambda x: x.squeeze(2).permute(0, 2, 1))
 
 
 def _wants_bc1s(user: fx.Node, body: set[fx.Node]) -> bool:
     """A consumer that reads (B, C, 1, S): in the body, or the layout ops before a conv."""
     if user in body:
         return True
-    return (user.target is aten.permute.default and list(user.args[1]) == [0, 2, 1]
-            and all(u.target is aten.unsqueeze.default and u.args[1] == 2 for u in user.users))
+    if (user.target is aten.permute.default and list(user.args[1]) == [0, 2, 1]
+            and all(u.target is aten.unsqueeze.default and u.args[1] == 2 for u in user.users)):
+        return True
+    return _into_bc1s(user)
+
+
+def _into_bc1s(user: fx.Node) -> bool:
+    """user starts a chain of layout ops that turns its (B, S, C) input into (B, C, 1, S) (the unit-axis
+    squeezes and unsqueezes a conversion becomes when S = 1)."""
+    source = user.args[0] if is_layout_op(user) else None
+    if not isinstance(source, fx.Node) or len(shape(source)) != 3:
+        return False
+    b, s, c = shape(source)
+    chain = [user]
+    while shape(chain[-1]) != (b, c, 1, s) and len(chain[-1].users) == 1 and is_layout_op(next(iter(chain[-1].users))):
+        chain.append(next(iter(chain[-1].users)))
+    return shape(chain[-1]) == (b, c, 1, s) and _replays_as(chain, source, lambda x: x.permute(0, 2, 1).unsqueeze(2))
+
+
+def _replays_as(chain: list[fx.Node], source: fx.Node, conversion) -> bool:
+    """Whether the layout ops of `chain` move the elements of `source` as `conversion` does."""
+    index = torch.arange(int(torch.tensor(shape(source)).prod())).view(shape(source))
+    value = index
+    try:
+        for node in chain:
+            target = aten.reshape.default if node.target in (aten.view.default, aten._unsafe_view.default) \
+                else node.target
+            value = target(value, *node.args[1:], **node.kwargs)
+    except (RuntimeError, TypeError, IndexError):
+        return False
+    expected = conversion(index)
+    return value.shape == expected.shape and torch.equal(value, expected)
 
 
 def assign(graph: fx.Graph, ctx: Context) -> tuple[list[fx.Node], list[Refusal]]:

@@ -44,6 +44,11 @@ Variants (q/k/v sources found by index in rewrites/attention_sources.py, proven 
         w = clone(softmax(s, -1, float32).to(float16));  o = w @ v
     After::
         w_h = _to_copy(softmax(_to_copy(s_h, float32), 1), float16)
+    Before (a KV cache held as state; kv_cache_write made its update a slice write; rewrites/attention_cache.py)::
+        k = repeat_kv(slice_write(k_cache, k_new, 2, p));  o = sdpa(q, k, v, mask)    # k_cache (1, H_kv, T, d)
+    After::
+        k_all = slice_write(k_cache', transpose(cat(k_new_h), 1, 3), 1, p)    # k_cache' stored (1, T, 1, C_kv)
+        w_h = softmax(einsum(q_h, slice(k_all, 3, j·d, (j+1)·d)) + mask', 1)    # j = h // n_rep, over all T
     Before (Bloom: alibi added by a baddbmm on (B·H, S, d) views; rewrites/attention_batched.py)::
         s = view(baddbmm(alibi, view(q, [B·H, S, d]), transpose(view(k, [B·H, S, d]), -1, -2), β, α), [B, H, S, S])
         o = bmm(view(softmax(s + mask, -1, float32), [B·H, S, S]), view(v, [B·H, S, d]))
@@ -63,7 +68,8 @@ split — never left fused in silence.
 Modules: attention_patterns (the forms matched, q/k/v/mask/scale read from a match), attention_heads
 (q/k/v followed back to the projections, head h built as a (B, d, 1, S) slice), attention_per_head (the
 per-head einsum attention and its masks), attention_sources (where each head lives in a projection, the
-scores read), attention_batched (scores on (B·H, S, d) views: Bloom).
+scores read), attention_batched (scores on (B·H, S, d) views: Bloom), attention_cache (k/v read from a KV
+cache held as state: the cache stored per head in the Neural Engine's layout, written in place; see there).
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ import torch.fx as fx
 from anefx.graph import shape
 from anefx.layout import simplify_layout_chains
 from anefx.rule import Context, Match, Rule
+from rewrites.attention_cache import CachedAttention, reads_cache
 from rewrites.attention_heads import HeadTensors, Unfollowable
 from rewrites.attention_patterns import attention_args, patterns
 from rewrites.attention_per_head import PerHeadAttention
@@ -100,14 +107,15 @@ def check(match: Match, ctx: Context) -> str | None:
         if mask is not None and len(shape(mask)) == 4 and shape(mask)[1] not in (1, h):
             return f"mask with {shape(mask)[1]} head entries for {h} heads"
     try:
-        HeadTensors(ctx, match.output).plan(a)
+        (CachedAttention if reads_cache(a) else HeadTensors)(ctx, match.output).plan(a)
     except Unfollowable as exc:
         return str(exc)
     return None
 
 
 def replace(match: Match, ctx: Context) -> fx.Node:
-    return PerHeadAttention(ctx, match.output).build(attention_args(match))
+    a = attention_args(match)
+    return (CachedAttention if reads_cache(a) else PerHeadAttention)(ctx, match.output).build(a)
 
 
 RULE = Rule(
