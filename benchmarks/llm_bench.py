@@ -56,7 +56,9 @@ def measure(name: str, context: int, prefill: int, workdir: Path) -> dict:
                "decode_ops": c.functions["decode"].ops, "largest_dim": c.largest_dim} for c in lm.manifest.chunks]
     single = 0
     if len(lm.manifest.chunks) == 1:  # the same program with one function, for the size ratio
-        one = _lower_one(lm.rewritten["decode"], LLMOptions(context, prefill), workdir / "one.mlpackage")
+        outputs = [t.name for t in lm.manifest.chunks[0].functions["decode"].outputs]
+        one = _lower_one(lm.rewritten["decode"], LLMOptions(context, prefill), workdir / "one.mlpackage",
+                         outputs=outputs)
         single = folder_bytes(one)
     runtime = anefx.load_llm(folder, precision="fp16")
     ids = list(np.random.default_rng(0).integers(0, 32000, prefill))
