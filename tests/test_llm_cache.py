@@ -3,6 +3,7 @@ reading the cache per head, and the lowered program run in the MIL interpreter a
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from anefx.pipeline import Tolerance, _run, run_pipeline
@@ -143,3 +144,182 @@ def test_a_write_at_strided_positions_is_refused_and_lowers_to_a_scatter(tmp_pat
             expected = reference(x, torch.tensor([pos]))
         got = runner(x=x.numpy(), pos=torch.tensor([pos]).numpy())["out"]
         torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-5, atol=1e-5)
+
+
+# -- the whole decoder: prefill + decode programs through the default rules, lowered, run from disk ------------
+
+CONTEXT, PREFILL, DECODE_STEPS = 64, 8, 6
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=1024)
+FAMILIES = {
+    "llama": lambda tf: tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON)),
+    "qwen2": lambda tf: tf.Qwen2ForCausalLM(tf.Qwen2Config(**COMMON)),
+    "mistral": lambda tf: tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=16)),  # < the cache
+    "gemma": lambda tf: tf.GemmaForCausalLM(tf.GemmaConfig(**COMMON, head_dim=16)),
+    "phi3": lambda tf: tf.Phi3ForCausalLM(tf.Phi3Config(**COMMON, pad_token_id=0)),
+    "gpt2": lambda tf: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=1024,
+                                                        bos_token_id=0, eos_token_id=0)),  # K cache padded 48 → 64
+}
+
+
+class Stateful:
+    """One family's prefill and decode programs: captured, after the default rules, lowered (fp32) and saved."""
+
+    def __init__(self, family: str, folder):
+        import transformers as tf
+
+        from anefx.api import default_rules
+        from anefx.llm.capture import CachedDecoder, export_stateful
+        from anefx.lower import lower, mil_histogram
+
+        torch.manual_seed(0)
+        self.model = FAMILIES[family](tf).eval()
+        decoder = CachedDecoder(self.model, CONTEXT)
+        self.records, self.rewritten, self.paths, self.mil_ops = {}, {}, {}, {}
+        for name, seq in (("prefill", PREFILL), ("decode", 1)):
+            ep = export_stateful(decoder, seq)
+            example = ((torch.randint(0, 1024, (1, seq)), torch.tensor([(CONTEXT - seq) // 2])), {})
+            self.rewritten[name], self.records[name], _ = run_pipeline(ep, default_rules(), example)
+            mlmodel = lower(self.rewritten[name], input_names=["input_ids", "position"], output_names=["logits"],
+                            precision="fp32", load=False)
+            self.mil_ops[name] = mil_histogram(mlmodel)
+            self.paths[name] = folder / f"{family}-{name}.mlpackage"
+            mlmodel.save(str(self.paths[name]))
+
+    def runners(self, precision: str):
+        """prefill and decode runners sharing one set of states (as the functions of one package do)."""
+        from anefx.mil import read_program
+        from anefx.mil.interpreter import MilRunner
+
+        states: dict = {}
+        runners = {name: MilRunner(read_program(path), precision, states=states) for name, path in self.paths.items()}
+        return runners, states
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return Stateful("llama", tmp_path_factory.mktemp("cache"))
+
+
+def run_prompt(programs: Stateful, ids: torch.Tensor, precision: str):
+    """Prefill of PREFILL tokens at 0, a second prefill at PREFILL, then one decode call per token: the logits
+    of every position, and the states the calls leave."""
+    import numpy as np
+
+    runners, states = programs.runners(precision)
+    rows = [runners["prefill"](input_ids=ids[:, start:start + PREFILL], position=np.array([start]))["logits"][0]
+            for start in (0, PREFILL)]
+    for t in range(2 * PREFILL, ids.shape[1]):
+        rows.append(runners["decode"](input_ids=ids[:, t:t + 1], position=np.array([t]))["logits"][0])
+    return torch.from_numpy(np.concatenate(rows)), states
+
+
+def check_structure(programs: Stateful, plain_layout_ops: dict[str, int] | None = None) -> None:
+    from anefx.mil import read_program
+    from anefx.mil.summary import ane_summary
+
+    for name, path in programs.paths.items():
+        assert all(r.status != "rolled-back" for r in programs.records[name]), programs.records[name]
+        program = read_program(path)
+        states = dict(program.states)
+        assert states and all(t.dtype == "float16" for t in states.values())  # CoreML states are fp16
+        assert all(t.shape[-1] % 32 == 0 for t in states.values())  # the ANE needs this of a state
+        assert_writes_slice_the_state(program, set(states))
+        assert {"read_state", "coreml_update_state", "slice_update"} <= set(programs.mil_ops[name])
+        types = [op.type for op in program.operations]
+        layers, heads = 2, 4
+        assert "linear" not in types and "scaled_dot_product_attention" not in types and "scatter" not in types
+        assert types.count("softmax") == layers * heads  # one softmax per head
+        summary = ane_summary(program)
+        assert summary["max_rank"] <= 4
+        shapes = [t.shape for op in program.operations for _, t in op.outputs if t is not None and t.shape]
+        assert max(max(s) for s in [*shapes, *(t.shape for t in states.values())]) <= 16384
+        if plain_layout_ops is not None:
+            assert summary["layout_ops"] <= plain_layout_ops[name], (summary["layout_ops"], plain_layout_ops)
+
+
+def assert_writes_slice_the_state(program, states: set[str]) -> None:
+    """Each state is written once, by a slice_update of what was read from that same state."""
+    made = {name: op for op in program.operations for name, _ in op.outputs}
+
+    def source(name: str):  # through casts (an fp32 program reads the fp16 state and casts it)
+        op = made.get(name)
+        while op is not None and op.type == "cast":
+            op = made.get(op.inputs["x"][0])
+        return op
+
+    writes = [op for op in program.operations if op.type == "write_state"]
+    assert sorted(op.inputs["input"][0] for op in writes) == sorted(states)
+    for write in writes:
+        update = source(write.inputs["data"][0])
+        assert update.type == "slice_update"
+        read = source(update.inputs["x"][0])
+        assert read.type == "read_state" and read.inputs["input"] == write.inputs["input"]
+
+
+def check_numerics(programs: Stateful, record_property=None) -> None:
+    ids = torch.randint(0, 1024, (1, 2 * PREFILL + DECODE_STEPS))
+    with torch.no_grad():
+        expected = programs.model(ids).logits[0]
+    got, states = run_prompt(programs, ids, "fp32")
+    scale = float(expected.abs().max())
+    assert float((got - expected).abs().max()) <= 1e-4 * scale
+    check_states_hold_the_cache(programs, ids, states)
+    got16, _ = run_prompt(programs, ids, "fp16")
+    agreement = float((got16.argmax(-1) == expected.argmax(-1)).float().mean())
+    if record_property is not None:
+        record_property("fp16_top1_agreement", agreement)
+    assert agreement >= 0.9, agreement
+
+
+def check_states_hold_the_cache(programs: Stateful, ids: torch.Tensor, states: dict) -> None:
+    """The package's states, read back in the model's layout, hold what HF's own cache holds."""
+    from anefx.llm.capture import CachedDecoder
+    from anefx.states import state_layout
+
+    reference = CachedDecoder(programs.model, CONTEXT)
+    with torch.no_grad():
+        reference(ids, torch.tensor([0]))
+    rewritten = programs.rewritten["decode"]
+    for target, stored in states.items():
+        layout = state_layout(rewritten, target)
+        value = torch.from_numpy(stored)
+        logical = layout.to_logical(value) if layout else value
+        torch.testing.assert_close(logical, getattr(reference, target), rtol=1e-4, atol=1e-4)
+
+
+def test_tiny_llama_prefill_and_decode_in_the_ane_form_equal_hf(tiny_llama, record_property):
+    from anefx.graph import op_histogram
+    from anefx.mil.summary import ane_summary
+
+    plain = {}
+    for name, ep in tiny_llama.rewritten.items():
+        counts = op_histogram(ep.graph_module)
+        assert counts["anefx.slice_write"] == 4 and counts["einsum"] == 2 * 2 * 4  # q·k and w·v per head
+        assert {"convolution", "anefx.slice_write"} <= set(counts) and "linear" not in counts
+        plain[name] = ane_summary(_plain_program(tiny_llama, name))["layout_ops"]
+    check_structure(tiny_llama, plain)
+    check_numerics(tiny_llama, record_property)
+
+
+def _plain_program(programs: Stateful, name: str):
+    """The same stateful program lowered with no rules (what coremltools alone makes of it)."""
+    from anefx.llm.capture import CachedDecoder, export_stateful
+    from anefx.lower import lower
+    from anefx.mil import read_program
+
+    seq = PREFILL if name == "prefill" else 1
+    ep = export_stateful(CachedDecoder(programs.model, CONTEXT), seq)
+    legalized = run_pipeline(ep, [], ((torch.zeros(1, seq, dtype=torch.long), torch.tensor([0])), {}), verify=False)[0]
+    path = programs.paths[name].with_name(f"plain-{name}.mlpackage")
+    lower(legalized, input_names=["input_ids", "position"], output_names=["logits"], precision="fp32",
+          load=False).save(str(path))
+    return read_program(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma", "phi3", "gpt2"])
+def test_families_prefill_and_decode_in_the_ane_form_equal_hf(family, tmp_path, record_property):
+    programs = Stateful(family, tmp_path)
+    check_structure(programs)
+    check_numerics(programs, record_property)
