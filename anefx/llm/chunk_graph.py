@@ -256,7 +256,8 @@ def _module_name(view: ProgramLayers, node: fx.Node) -> str:
 # -- building a chunk -------------------------------------------------------------------------------------------
 
 def build_chunk(view: ProgramLayers, chunk_of: Callable[[fx.Node], int], index: int, ranges: list[range],
-                crossing: dict[fx.Node, tuple[int, int]], output_names: list[str]):
+                crossing: dict[fx.Node, tuple[int, int]], output_names: list[str]
+                ) -> tuple[ExportedProgram, list[str], list[str], list[str], dict[str, str]]:
     """The chunk's ExportedProgram, its user input names, output names, states and {name: original node}."""
     nodes = {n for n in view.nodes_of(ranges[index]) if n not in view.home or chunk_of(n) == index}
     last = index == len(ranges) - 1
@@ -278,9 +279,9 @@ def build_chunk(view: ProgramLayers, chunk_of: Callable[[fx.Node], int], index: 
         if node in nodes:
             env[node] = graph.node_copy(node, lambda n: env[n])
     out_nodes, out_specs, states = _outputs(view, env, nodes, leaving, last)
-    names = [name for name in leaving.values()] + (output_names if last else [])
+    names = list(leaving.values()) + (output_names if last else [])
     graph.output(tuple(out_nodes))
-    program = _program(view, graph, in_specs, out_specs, names)
+    program = _program(view, graph, in_specs, out_specs)
     inputs = [s.arg.name for s in in_specs if s.kind == InputKind.USER_INPUT]
     crossing_of = {name: node.name for names in (entering, leaving) for node, name in names.items()}
     return program, inputs, names, states, crossing_of
@@ -307,19 +308,17 @@ def _outputs(view: ProgramLayers, env: dict, nodes: set[fx.Node], leaving: dict[
     return out_nodes, specs, states
 
 
-def _program(view: ProgramLayers, graph: fx.Graph, in_specs: list[InputSpec], out_specs: list[OutputSpec],
-             output_names: list[str]) -> ExportedProgram:
+def _program(view: ProgramLayers, graph: fx.Graph, in_specs: list[InputSpec], out_specs: list[OutputSpec]
+             ) -> ExportedProgram:
     ep = view.ep
+    mutated = set(ep.graph_signature.buffers_to_mutate.values())
     state_dict, constants = {}, {}
     for spec in in_specs:
         if spec.kind in _LIFTED:
-            target = spec.target
-            if target in ep.state_dict:
-                state_dict[target] = ep.state_dict[target]
-            else:
-                value = ep.constants[target]
-                mutated = spec.kind == InputKind.BUFFER and target in ep.graph_signature.buffers_to_mutate.values()
-                constants[target] = value.clone() if mutated else value  # each chunk owns its states
+            held = state_dict if spec.target in ep.state_dict else constants
+            value = (ep.state_dict if held is state_dict else ep.constants)[spec.target]
+            # each chunk owns its states: running it never writes the program's (or the model's) buffers
+            held[spec.target] = value.clone() if spec.target in mutated else value
     user_in = [s.arg for s in in_specs if s.kind == InputKind.USER_INPUT]
     user_out = [s.arg for s in out_specs if s.kind == OutputKind.USER_OUTPUT]
     signature = ModuleCallSignature(
