@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", choices=["1b"], help="also the TinyLlama-1.1B shape")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--prefill", type=int, default=64)
+    parser.add_argument("--models", help="comma-separated subset of " + ", ".join(MODELS))
+    parser.add_argument("--json", type=Path, help="also write the raw rows here")
     parser.add_argument("--record", action="store_true", help="write the table into docs/benchmarks.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = []
     names = ["llama-55m", "llama-1b"] if options.size == "1b" else ["llama-55m"]
+    if options.models:
+        names = [n for n in options.models.split(",") if n in MODELS]
     with tempfile.TemporaryDirectory(prefix="anefx-llm-bench-") as tmp:
         for name in names:
             print(f"measuring {name} ...", file=sys.stderr, flush=True)
@@ -129,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
             if out.returncode != 0:
                 sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    if options.json:
+        options.json.write_text(json.dumps(rows, indent=1))
     command = "uv run python benchmarks/llm_bench.py " + shlex.join(a for a in argv if a != "--record")
     block = render(rows, command.strip())
     print(block)
