@@ -139,7 +139,8 @@ def never_worse_layout(records: list[PassRecord], snapshots: list[tuple[str, Exp
         if record.status == "applied":
             record.status = "rolled-back"
             record.detail = (f"the rewritten program would have {final} where plain coremltools has {plain} "
-                             f"(predicted); rule not applied: anefx is never worse than plain")
+                             f"(predicted: {final.why_worse(plain)}); rule not applied: anefx is never worse than "
+                             "plain")
             log.info("anefx: rule %s rolled back: %s", record.name, record.detail)  # a decision, not a fault
         snapshots[i] = (snapshots[i][0], kept)
     return kept

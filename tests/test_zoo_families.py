@@ -21,10 +21,7 @@ from tests.helpers import ane_summary, assert_outputs_close, program, tensors
 FAST = ["t5_encoder", "mixtral", "mlp", "multihead_attention"]  # the default run; the others are slow
 NO_ATTENTION = {"resnet", "convnext", "mobilenet_v2", "mlp"}
 
-GAPS: dict[str, dict[str, str]] = {
-    "bloom": {"per_head": "alibi attention (baddbmm with a per-head bias): split_head_attention does not match",
-              "rank": "rank-5 tensors of bloom's fused QKV split"},
-}
+GAPS: dict[str, dict[str, str]] = {}  # family → {assertion: what is missing}; none today (Bloom's alibi was the last)
 
 
 def families(fast: list[str]) -> list:
