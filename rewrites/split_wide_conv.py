@@ -29,8 +29,8 @@ full logits).
 Default rules: yes, and first. It matches nothing in a program without a wide projection (no cost), and
 where it matches it adds k - 1 projections and one cat, no transpose or reshape: the never-worse guard's
 predicted layout cost is unchanged (tests/test_head_split.py checks it on a vocabulary-40000 Llama). Being
-first, it stays when the guard rolls back later rules: a model whose layout rules are rolled back (an
-embedding straight into a head) still gets its head in pieces. The cost of running first: a projection over
+first, it stays when the guard rolls back a later rule (the guard keeps the last stage that is not worse):
+the head then runs as linear pieces. The cost of running first: a projection over
 16384 that attention reads (a fused QKV that wide) is split before `split_head_attention` sees it, which
 may then leave that attention fused.
 

@@ -243,6 +243,37 @@ def test_conv_and_linear_pieces_are_exact_and_the_model_untouched():
     assert records[-1].status == "no-match" and "grouped convolution" in records[-1].refusals[0].reason
 
 
+def _flattened_relu(ctx):
+    """A test rule the guard must roll back: every relu runs on a flattened copy (two reshapes more)."""
+    for node in [n for n in ctx.graph.nodes if n.target is aten.relu.default]:
+        with ctx.graph.inserting_before(node):
+            flat = ctx.graph.call_function(aten.view.default, (node.args[0], [-1]))
+            flat.meta["val"] = node.args[0].meta["val"].reshape(-1)
+        node.replace_input_with(node.args[0], flat)
+        with ctx.graph.inserting_after(node):
+            back = ctx.graph.call_function(aten.view.default, (node, list(flat.args[0].meta["val"].shape)))
+            back.meta["val"] = flat.args[0].meta["val"]
+        node.meta["val"] = flat.meta["val"]
+        node.replace_all_uses_with(back, delete_user_cb=lambda user, back=back: user is not back)
+    return 1, []
+
+
+def test_the_split_stays_when_the_guard_rolls_back_a_later_rule():
+    from anefx.capture import capture
+    from anefx.pipeline import run_pipeline
+    from anefx.rule import Rule
+
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(torch.nn.Linear(8, 11), torch.nn.ReLU()).eval(), torch.randn(4, 8)
+    worse = Rule(name="flattened_relu", summary="relu on a flattened copy (a test rule)", run=_flattened_relu)
+    cap = capture(model, (x,), None)
+    final, records, _ = run_pipeline(cap.exported, [split_wide_conv.make_rule(5), worse], (cap.args, cap.kwargs))
+    assert [(r.name, r.status) for r in records[1:]] == [("split_wide_conv", "applied"),
+                                                         ("flattened_relu", "rolled-back")]
+    assert ops(final)["linear"] == 3 and ops(final)["view"] == 0
+    torch.testing.assert_close(final.module()(x), model(x), rtol=0, atol=1e-6)
+
+
 def test_vocabulary_151936_is_ten_pieces():
     torch.manual_seed(0)
     model = TinyLM(151936, 4).eval()
