@@ -173,3 +173,29 @@ def test_a_well_scaled_model_passes_the_package_check_silently():
         warnings.simplefilter("error", PrecisionWarning)
         c = anefx.compile(torch.nn.Linear(16, 4).eval(), (torch.randn(1, 8, 16),), progress=False)
     assert c.package_check.ok and c.package_check.psnr_db["output"] > 50
+
+
+def _thirds(scale):  # x + y as (3x + 3y) / scale: exact in real arithmetic only for scale 3
+    def replace(match, ctx):
+        a, b = (emit(ctx.graph, torch.ops.aten.mul.Tensor, (v, 3.0), origin=match.output, rule=ctx.rule)
+                for v in match.inputs)
+        total = emit(ctx.graph, torch.ops.aten.add.Tensor, (a, b), origin=match.output, rule=ctx.rule)
+        return emit(ctx.graph, torch.ops.aten.div.Tensor, (total, scale), origin=match.output, rule=ctx.rule)
+
+    return Rule(name=f"thirds_{scale}", summary="x + y through thirds", ane=False, replace=replace,
+                patterns=lambda: [Pattern("add", _add, lambda: (torch.randn(2, 4), torch.randn(2, 4)))])
+
+
+def test_float32_rounding_of_an_exact_rewrite_is_judged_in_float64():
+    """An exact rewrite moves float32 results by rounding (as in deep models, where it adds up to a few
+    tolerances); judged again in float64 it agrees, while a rewrite off by 1e-7 relative does not."""
+    from anefx.pipeline import run_pipeline
+
+    x = torch.randn(4, 256) * 1000
+    y = -x + torch.randn(4, 256)  # x + y cancels: 3x + 3y rounds at 3000's ulp, many ulps of the result
+    tight = Tolerance(extra_inputs=1)
+    ep = capture(AddModel(), (x, y), None).exported
+    _, records, _ = run_pipeline(ep, [_thirds(3.0)], ((x, y), {}), tolerance=tight, never_worse=False)
+    assert records[-1].status == "applied" and "float64" in records[-1].detail
+    _, records, _ = run_pipeline(ep, [_thirds(3.0000003)], ((x, y), {}), tolerance=tight, never_worse=False)
+    assert records[-1].status == "rolled-back"
