@@ -188,7 +188,7 @@ def _thirds(scale):  # x + y as (3x + 3y) / scale: exact in real arithmetic only
 
 def test_float32_rounding_of_an_exact_rewrite_is_judged_in_float64():
     """An exact rewrite moves float32 results by rounding (as in deep models, where it adds up to a few
-    tolerances); judged again in float64 it agrees, while a rewrite off by 1e-7 relative does not."""
+    tolerances); judged again in float64 it agrees, while a rewrite off by 3e-6 relative (a hundredth of the tolerance) does not."""
     from anefx.pipeline import run_pipeline
 
     x = torch.randn(4, 256) * 1000
@@ -197,5 +197,5 @@ def test_float32_rounding_of_an_exact_rewrite_is_judged_in_float64():
     ep = capture(AddModel(), (x, y), None).exported
     _, records, _ = run_pipeline(ep, [_thirds(3.0)], ((x, y), {}), tolerance=tight, never_worse=False)
     assert records[-1].status == "applied" and "float64" in records[-1].detail
-    _, records, _ = run_pipeline(ep, [_thirds(3.0000003)], ((x, y), {}), tolerance=tight, never_worse=False)
+    _, records, _ = run_pipeline(ep, [_thirds(3.00001)], ((x, y), {}), tolerance=tight, never_worse=False)
     assert records[-1].status == "rolled-back"
