@@ -196,7 +196,7 @@ def counted_layout_ops(graph: fx.Graph) -> int:
 @dataclass(frozen=True)
 class LayoutCost:
     """What the saved MIL program will hold, predicted from the graph: transposes + reshapes, max rank, and how
-    many of those layout ops only convert a program input or output (anefx.layout_passes.boundary_ops)."""
+    many of those layout ops convert a program input or make an output (anefx.layout_passes.boundary_ops)."""
 
     layout_ops: int
     max_rank: int
@@ -242,7 +242,7 @@ SAVED_LAYOUT = {"transpose", "reshape", "expand_dims", "squeeze", "cast"}
 
 def saved_layout_cost(prog) -> LayoutCost:
     """The same figures read from a saved program (anefx.mil.read_program): transposes + reshapes, max rank, and
-    those that only convert a function input or output (through other layout ops and casts)."""
+    those that convert a function input or make an output (through other layout ops and casts only)."""
     from anefx.mil.summary import ane_summary
 
     producer = {name: op for op in prog.operations for name, _ in op.outputs}
@@ -257,8 +257,8 @@ def saved_layout_cost(prog) -> LayoutCost:
         return name in inputs or (op is not None and op.type in SAVED_LAYOUT and from_input(op.inputs["x"][0]))
 
     def to_output(name) -> bool:
-        return name in prog.outputs or (bool(readers.get(name)) and all(
-            r.type in SAVED_LAYOUT and to_output(r.outputs[0][0]) for r in readers[name]))
+        return name in prog.outputs or any(r.type in SAVED_LAYOUT and to_output(r.outputs[0][0])
+                                           for r in readers.get(name, []))
 
     boundary = sum(1 for op in prog.operations if op.type in ("transpose", "reshape")
                    and (from_input(op.inputs["x"][0]) or to_output(op.outputs[0][0])))

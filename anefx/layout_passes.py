@@ -28,15 +28,16 @@ def predicted_ops(ep) -> list[Op]:
 
 
 def boundary_ops(ops: list[Op]) -> list[Op]:
-    """Transposes / reshapes that only convert a program input or an output (through other layout ops)."""
+    """Transposes / reshapes that convert a program input (read from it through layout ops only) or make an
+    output (reach it through layout ops only; other ops may read them too)."""
     users = users_of(ops)
-    layout = ("transpose", "reshape", "squeeze")
+    layout = ("transpose", "reshape", "squeeze", "cast")
 
     def from_input(op: Op) -> bool:
         return op.kind == "input" or (op.kind in layout and from_input(op.inputs[0]))
 
     def to_output(op: Op) -> bool:
-        return bool(users[op]) and all(u.kind == "output" or (u.kind in layout and to_output(u)) for u in users[op])
+        return any(u.kind == "output" or (u.kind in layout and to_output(u)) for u in users[op])
 
     return [op for op in ops if op.kind in ("transpose", "reshape") and (from_input(op.inputs[0]) or to_output(op))]
 

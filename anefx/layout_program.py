@@ -34,8 +34,9 @@ MATMULS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}  # baddb
 
 @dataclass(eq=False)
 class Op:
-    """One MIL operation of the predicted program. `kind`: input, output, transpose, reshape, unary (and split
-    outputs), binary, concat, split, reduce, matmul or other; `consts`: shapes of a binary op's constant operands."""
+    """One MIL operation of the predicted program. `kind`: input, output, transpose, reshape, squeeze (and
+    expand_dims), cast, unary (and split outputs), binary, concat, split, reduce, matmul or other; `consts`:
+    shapes of a binary op's constant operands."""
 
     kind: str
     inputs: list[Op]
@@ -79,7 +80,8 @@ def _lowered(node: fx.Node, env: dict, constants: set, ops: list[Op]) -> Op:
     if target is aten.repeat_interleave.self_int:
         return _repeat_interleave(node, source, ops)
     kind = _kind(node)
-    op = Op(kind, args if kind != "unary" else [source], out, key=(str(target), _literals(node, constants)))
+    operands = [source] if kind in ("unary", "cast") else args  # a cast reads x (type_as: not `other`)
+    op = Op(kind, operands, out, key=(str(target), _literals(node, constants)))
     if kind == "binary":
         op.consts = [() if not isinstance(a, fx.Node) else _shape(a) for a in node.args[:2]
                      if not isinstance(a, fx.Node) or a in constants]
@@ -112,6 +114,8 @@ def _kind(node: fx.Node) -> str:
         return "matmul"
     if target in (aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default):
         return "squeeze"
+    if target in (aten._to_copy.default, aten.type_as.default):
+        return "cast"
     return "other"
 
 
