@@ -61,7 +61,8 @@ def test_wrong_rule_is_rolled_back_and_reported(block):
     assert ops(c.rewritten)["relu"] == 1 and ops(c.rewritten)["sigmoid"] == 0
     torch.testing.assert_close(c.rewritten.module()(*args), model(*args), rtol=1e-4, atol=1e-5)
     assert [(p.name, p.status) for p in c.passes if p.name != "relu_to_sigmoid"] == [
-        ("legalize", "applied"), ("rmsnorm_to_layernorm", "applied"), ("linear_to_conv1x1", "applied"),
+        ("legalize", "applied"), ("split_wide_conv", "no-match"), ("split_wide_embedding", "no-match"),
+        ("rmsnorm_to_layernorm", "applied"), ("linear_to_conv1x1", "applied"), ("kv_cache_write", "no-match"),
         ("split_head_attention", "no-match"), ("sdpa_masked_rows", "no-match"), ("layernorm_channels", "applied"),
         ("layout_bc1s", "applied")]
 
@@ -93,7 +94,7 @@ def test_ane_rules_run_only_for_neural_engine_compute_units(block):
 
 def test_unknown_rule_and_bad_options(block):
     model, args = block
-    with pytest.raises(anefx.UnknownRuleError, match="unknown rule 'nope'; known rules: rmsnorm_to_layernorm"):
+    with pytest.raises(anefx.UnknownRuleError, match="unknown rule 'nope'; known rules: split_wide_conv"):
         anefx.compile(model, args, rules=["nope"])
     with pytest.raises(anefx.OptionError, match="compute_units='NPU' is not one of CPU_AND_NE"):
         anefx.compile(model, args, compute_units="NPU")
@@ -105,8 +106,9 @@ def test_passes_record_matches_deltas_and_time(block):
     model, args = block
     c = anefx.compile(model, args)
     by_name = {p.name: p for p in c.passes}
-    assert list(by_name) == ["legalize", "rmsnorm_to_layernorm", "linear_to_conv1x1", "split_head_attention",
-                             "sdpa_masked_rows", "layernorm_channels", "layout_bc1s"]
+    assert list(by_name) == ["legalize", "split_wide_conv", "split_wide_embedding", "rmsnorm_to_layernorm",
+                             "linear_to_conv1x1", "kv_cache_write", "split_head_attention", "sdpa_masked_rows",
+                             "layernorm_channels", "layout_bc1s"]
     assert by_name["rmsnorm_to_layernorm"].matches == 1
     assert by_name["rmsnorm_to_layernorm"].op_delta["rms_norm"] == -1
     assert by_name["linear_to_conv1x1"].op_delta == {"convolution": 2, "linear": -2, "permute": 4,

@@ -34,9 +34,11 @@ def reference(name, model, args, kwargs):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_rewritten_program_equals_model(name, compile_zoo):
     model, args, kwargs, c = compile_zoo(name)
-    # rmsnorm_to_layernorm applies to the decoders only; sdpa_masked_rows only to an SDPA left fused
-    assert [p.status for p in c.passes if p.name not in ("rmsnorm_to_layernorm", "sdpa_masked_rows")] \
-        == ["applied"] * 5, c.passes
+    # rmsnorm_to_layernorm applies to the decoders only; sdpa_masked_rows only to an SDPA left fused; the zoo's
+    # vocabularies are narrow (no split) and its programs stateless (no cache write)
+    unmatched = ("rmsnorm_to_layernorm", "sdpa_masked_rows", "split_wide_conv", "split_wide_embedding",
+                 "kv_cache_write")
+    assert [p.status for p in c.passes if p.name not in unmatched] == ["applied"] * 5, c.passes
     with torch.no_grad():
         actual = c.rewritten.module()(*args, **kwargs)
     assert_outputs_close(actual, reference(name, model, args, kwargs))
