@@ -21,6 +21,10 @@ aten = torch.ops.aten
 class PerHeadAttention(HeadTensors):
     """Builds one attention per head from q/k/v's per-head tensors."""
 
+    def __init__(self, ctx, origin: fx.Node):
+        super().__init__(ctx, origin)
+        self.scalars: dict[tuple, fx.Node] = {}  # 0-d constants of the model's dtype (scale, soft-cap, β)
+
     def build(self, a: dict) -> fx.Node:
         q, (k, _), (v, _) = a["q"], strip_repeat(a["k"]), strip_repeat(a["v"])
         b, heads, sq, d = shape(q)
@@ -57,10 +61,9 @@ class PerHeadAttention(HeadTensors):
         dtype = like.meta["val"].dtype
         if dtype == torch.float32:
             return value
-        key = ("scalar", value, dtype)
-        if key not in self.sources:
-            self.sources[key] = add_constant(self.ctx.ep, "attention_scalar", torch.tensor(value, dtype=dtype))
-        return self.sources[key]
+        if (value, dtype) not in self.scalars:
+            self.scalars[value, dtype] = add_constant(self.ctx.ep, "attention_scalar", torch.tensor(value, dtype=dtype))
+        return self.scalars[value, dtype]
 
     def _weights(self, w: fx.Node, mask: fx.Node | None, a: dict) -> fx.Node:
         """softmax over keys (axis 1) of one head's scores: soft-capped, masked, in the softmax's dtype."""
