@@ -19,7 +19,7 @@ from anefx.graph import shape
 
 aten = torch.ops.aten
 VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-_HOW = ("write q, k and v as (B, H, S, d) tensors (x.view(B, S, H, d).transpose(1, 2) of a projection) and view "
+BATCHED_FIX = ("write q, k and v as (B, H, S, d) tensors (x.view(B, S, H, d).transpose(1, 2) of a projection) and view "
         "them as (B·H, S, d) only for the batched matmul")
 
 
@@ -38,7 +38,7 @@ def read_batched_scores(node: fx.Node, found: dict) -> dict | str:
     """q, k, scale, per-head bias of (B, H, S_q, S_k) scores = view(baddbmm(bias, q3, kT3) | bmm(q3, kT3)
     [· scale]) on (B·H, S, d) views of (B, H, S, d) tensors; or what the scores are instead, in words."""
     if node.target not in VIEWS or len(shape(node)) != 4:
-        return f"its scores are a {node.target.__name__.split('.')[0]} on (B·H, S, d) tensors; " + _HOW
+        return f"its scores are a {node.target.__name__.split('.')[0]} on (B·H, S, d) tensors; " + BATCHED_FIX
     batch, heads = shape(node)[:2]
     scores = node.args[0]
     while scores.target in (aten.mul.Tensor, aten.div.Tensor) and isinstance(scores.args[1], float | int):
@@ -53,10 +53,11 @@ def read_batched_scores(node: fx.Node, found: dict) -> dict | str:
     elif scores.target is aten.bmm.default:
         q3, kt3 = scores.args
     else:
-        return f"its scores come from a {scores.target.__name__.split('.')[0]} op on (B·H, S, S) tensors; " + _HOW
+        what = scores.target.__name__.split(".")[0]
+        return f"its scores come from a {what} op on (B·H, S, S) tensors; " + BATCHED_FIX
     q, k = unbatched(q3, batch, heads), _keys(kt3, batch, heads)
     if q is None or k is None:
-        return "its q or k are (B·H, S, d) tensors that are not views of (B, H, S, d) ones; " + _HOW
+        return "its q or k are (B·H, S, d) tensors that are not views of (B, H, S, d) ones; " + BATCHED_FIX
     return found | {"q": q, "k": k}
 
 

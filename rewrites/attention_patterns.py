@@ -14,7 +14,7 @@ import torch
 
 from anefx.graph import shape
 from anefx.rule import Match, Pattern
-from rewrites.attention_batched import unbatched
+from rewrites.attention_batched import BATCHED_FIX, unbatched
 from rewrites.attention_sources import read_scores, weights_times_values
 
 aten = torch.ops.aten
@@ -118,7 +118,10 @@ def attention_args(match: Match) -> dict:
             return {"unsplit": scores}
         v = match.inputs[1]
         if len(shape(v)) == 3:  # bmm on (B·H, S_k, d): the (B, H, S_k, d) tensor it views
-            v = unbatched(v, *shape(scores["q"])[:2]) or v
+            v = unbatched(v, *shape(scores["q"])[:2])
+            if v is None:
+                return {"unsplit": "its values are (B·H, S, d) tensors that are not views of (B, H, S, d) ones; "
+                                   + BATCHED_FIX}
         return scores | {"v": v, "dropout": 0.0, "is_causal": False, "gqa": False, "sdpa": False,
                          "softmax_dtype": torch.float32 if match.pattern.meta["float32"] else None,
                          "cast": match.pattern.meta["cast"]}

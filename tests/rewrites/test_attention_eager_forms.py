@@ -154,3 +154,19 @@ def test_baddbmm_with_an_input_dependent_alibi_and_beta(tmp_path):
             torch.testing.assert_close(c.rewritten.module()(x, k), model(x, k), rtol=1e-4, atol=1e-5)
     assert ane_summary(program(c, tmp_path))["max_rank"] <= 4
     assert tensors(c(x, keep2))  # the package runs in the interpreter with the bias computed from the input
+
+
+def test_batched_values_that_are_not_head_views_are_refused_naming_the_fix():
+    class OddValues(BatchedAlibi):
+        def forward(self, x, keep):
+            q, k, _ = (t.transpose(1, 2).reshape(B * H, S, D) for t in self.qkv(x).view(B, S, H, 3, D).unbind(3))
+            v = self.o(x).reshape(B * H, S, D)  # not a view of (B, H, S, d): tokens and channels mixed
+            weights = torch.softmax(torch.bmm(q, k.transpose(-1, -2)).view(B, H, S, S), -1)
+            return torch.bmm(weights.view(B * H, S, S), v).view(B, S, C)
+
+    model, x, keep = OddValues().eval(), torch.randn(B, S, C), torch.ones(B, S)
+    _, after, records = rewrite(model, (x, keep), [r for r in RULES if r.name == "split_head_attention"])
+    assert records[-1].matches == 0 and len(records[-1].refusals) == 1
+    reason = records[-1].refusals[0].reason
+    assert "values are (B·H, S, d) tensors" in reason and "x.view(B, S, H, d).transpose(1, 2)" in reason
+    torch.testing.assert_close(after.module()(x, keep), model(x, keep))
