@@ -15,7 +15,7 @@ from anefx.errors import OptionError, UnknownRuleError
 from anefx.lower import NEURAL_ENGINE_UNITS, check_options, lower
 from anefx.mlpackage import program_weights_sha256
 from anefx.package_check import CHECKS, report
-from anefx.pipeline import Tolerance, layout_note, run_pipeline
+from anefx.pipeline import Tolerance, layout_note, rank_note, run_pipeline
 from anefx.progress import Progress, reporter
 from anefx.rule import Rule
 
@@ -39,6 +39,8 @@ def compile(model: torch.nn.Module, example_args: Any, example_kwargs: dict | No
             cap.exported, chosen, (cap.args, cap.kwargs), verify=verify, tolerance=Tolerance(), progress=say,
             never_worse=rules is None)
         if rules is not None and (note := layout_note(snapshots)):
+            cap.notes.append(note)
+        if note := rank_note(snapshots):
             cap.notes.append(note)
         say("lower")
         mlmodel = lower(rewritten, input_names=cap.input_names, output_names=cap.output_names,

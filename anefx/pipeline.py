@@ -113,6 +113,20 @@ def layout_note(snapshots: list[tuple[str, ExportedProgram]]) -> str:
             "the default rules (rules=None) roll back what makes it worse than plain")
 
 
+def rank_note(snapshots: list[tuple[str, ExportedProgram]]) -> str:
+    """'' or why the final program's tensors have a higher rank than plain coremltools' (at most the ANE's 4)."""
+    from anefx.layout import predicted_layout_cost
+
+    names = [name for name, _ in snapshots]
+    plain = predicted_layout_cost(snapshots[names.index("legalize")][1])
+    final = predicted_layout_cost(snapshots[-1][1])
+    if final.max_rank <= plain.max_rank:
+        return ""
+    return (f"tensors reach rank {final.max_rank} where plain coremltools keeps rank {plain.max_rank}: the Neural "
+            "Engine runs projections as 1x1 convolutions on (B, C, 1, S) tensors, with no more layout ops than plain; "
+            "rules=[] keeps the plain form")
+
+
 CORRECTNESS_STAGES = ("sdpa_masked_rows",)  # rules that make the program right, not faster
 
 

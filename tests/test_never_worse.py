@@ -225,3 +225,16 @@ def test_rules_the_user_chose_stay_and_the_note_says_what_they_cost():
     assert next(p for p in c.passes if p.name == "reshaped_relu").status == "applied"
     assert any("with the rules you chose" in n and "plain coremltools has 0" in n for n in c.notes)
     torch.testing.assert_close(c.rewritten.module()(x), model(x))
+
+
+def test_a_rank_above_plain_is_explained_in_the_notes():
+    """A rank-2 MLP runs as 1x1 convolutions on rank-4 tensors (the ANE's layout, no more layout ops than
+    plain): the higher rank is said, with the option that keeps the plain form."""
+    import anefx
+    from anefx import zoo
+
+    model, args, kwargs = zoo.build("mlp")
+    c = anefx.compile(model, args, kwargs, progress=False)
+    assert any("rank 4 where plain coremltools keeps rank 2" in n and "rules=[]" in n for n in c.notes)
+    plain = anefx.compile(model, args, kwargs, rules=[], progress=False)
+    assert not any("rank" in n for n in plain.notes)
