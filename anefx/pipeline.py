@@ -204,6 +204,8 @@ FLOAT64_TOLERANCE = Tolerance(rtol=1e-6, atol=1e-7)
 def exact_in_float64(candidate: ExportedProgram, previous: ExportedProgram, x: tuple) -> bool:
     """Whether the two float32 programs agree in float64 (weights, inputs and states widened): rounding
     noise vanishes there, a wrong rewrite does not. False when a program pins float32 (explicit casts)."""
+    if not _float64_fits(previous):
+        return False
     try:
         a, b = _run_float64(candidate, *x), _run_float64(previous, *x)
     except Exception:  # noqa: BLE001 - a program that cannot run in float64 keeps the float32 verdict
@@ -211,6 +213,25 @@ def exact_in_float64(candidate: ExportedProgram, previous: ExportedProgram, x: t
     if any(t.is_floating_point() and t.dtype != torch.float64 for t in [*a, *b]):
         return False  # a cast inside the graph kept float32 rounding: no verdict
     return compare(a, b, FLOAT64_TOLERANCE)[1]
+
+
+def _float64_fits(ep: ExportedProgram) -> bool:
+    """Whether a float64 copy of the program's weights (twice, for activations and the second program) fits
+    in the memory available now; a large model keeps the float32 verdict rather than exhaust memory."""
+    elements = sum(t.numel() for t in [*ep.state_dict.values(), *ep.constants.values()]
+                   if isinstance(t, torch.Tensor) and t.is_floating_point())
+    return elements * 8 * 2 < _available_bytes()
+
+
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2 << 30  # elsewhere (macOS): assume 2 GiB to spare
 
 
 def _run_float64(ep: ExportedProgram, example: tuple[tuple, dict],
