@@ -187,7 +187,7 @@ def _verify(candidate: ExportedProgram, inputs: list, expected: list, tolerance:
         record.max_error = max(record.max_error, error)
         if not ok:
             which = "the example" if i == 0 else (f"random input {i} drawn like the example (both signs, wider "
-                                                  "range{', random states' if mutated_states(candidate) else ''})")
+                                                  f"range{', random states' if mutated_states(candidate) else ''})")
             return outputs, (f"{_what_differs(candidate, after, before, tolerance)} from the graph before the rule on "
                              f"{which}: worst element off by {error:.3g}× its tolerance (atol {tolerance.atol}·scale "
                              f"+ rtol {tolerance.rtol}·|b|)")

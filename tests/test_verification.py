@@ -199,3 +199,10 @@ def test_float32_rounding_of_an_exact_rewrite_is_judged_in_float64():
     assert records[-1].status == "applied" and "float64" in records[-1].detail
     _, records, _ = run_pipeline(ep, [_thirds(3.00001)], ((x, y), {}), tolerance=tight, never_worse=False)
     assert records[-1].status == "rolled-back"
+
+
+def test_the_rollback_message_names_the_random_input_without_template_braces():
+    x = torch.rand(2, 8) + 0.1
+    c = anefx.compile(ReluModel(), (x,), rules=[RELU_TO_ABS], precision="fp32", progress=False)
+    detail = _record(c, "relu_to_abs").detail
+    assert "wider range)" in detail and "{" not in detail
