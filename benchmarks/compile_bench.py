@@ -154,13 +154,13 @@ SCRATCH = ROOT / "benchmarks" / "results" / "compile_bench.md"
 BEGIN, END = "<!-- compile_bench: begin (generated) -->", "<!-- compile_bench: end -->"
 
 
-def write_block(path: Path, block: str) -> None:
-    """Replace the generated block of `path` (or write a file holding only it)."""
+def write_block(path: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the generated block of `path` between the `begin`/`end` markers (or write a file holding only it)."""
     text = path.read_text() if path.exists() else ""
-    generated = f"{BEGIN}\n{block.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + generated + rest.split(END, 1)[1]
+    generated = f"{begin}\n{block.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + generated + rest.split(end, 1)[1]
     else:
         text = (text.rstrip() + "\n\n" if text.strip() else "") + generated + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -93,18 +93,6 @@ def render(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_block(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    generated = f"{BEGIN}\n{block.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + generated + rest.split(END, 1)[1]
-    else:
-        text = (text.rstrip() + "\n\n" if text.strip() else "") + generated + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -139,7 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     block = render(rows, command.strip())
     print(block)
     target = RECORDED if options.record else SCRATCH
-    write_block(target, block)
+    from compile_bench import write_block
+
+    write_block(target, block, BEGIN, END)
     print(f"table written to {target}" + ("" if options.record else " (docs change only with --record)"))
 
 

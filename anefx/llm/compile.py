@@ -70,8 +70,6 @@ def check_llm_options(options: LLMOptions) -> None:
     if options.prefill_length > options.context_length:
         raise OptionError(f"prefill_length={options.prefill_length} is longer than context_length="
                           f"{options.context_length}; pass a prefill_length of at most the context length.")
-    if options.deployment_target not in ("iOS18",) and not options.deployment_target.startswith(("iOS1", "macOS1")):
-        raise OptionError(f"deployment_target={options.deployment_target!r}: stateful programs need iOS18.")
     if options.deployment_target in ("iOS15", "iOS16", "iOS17"):
         raise OptionError(f"deployment_target={options.deployment_target!r}: a KV cache held as CoreML state needs "
                           "iOS18 (macOS 15) or later; pass deployment_target='iOS18'.")
@@ -286,6 +284,7 @@ def _save_multifunction(singles: dict[str, Path], target: Path) -> None:
 
 
 def _chunk_spec(path: Path, layers: list[int]) -> ChunkSpec:
+    from anefx.mil.interpreter import output_types
     from anefx.mil.reader import read_program
 
     functions, states, largest = {}, [], 0
@@ -293,18 +292,12 @@ def _chunk_spec(path: Path, layers: list[int]) -> ChunkSpec:
         program = read_program(path, fn)
         functions[fn] = FunctionSpec(
             inputs=[_tensor_spec(n, t) for n, t in program.inputs],
-            outputs=[_tensor_spec(n, t) for n, t in _outputs(program)],
+            outputs=[_tensor_spec(n, t) for n, t in output_types(program)],
             ops=len(program.operations))
         states = [_tensor_spec(n, t) for n, t in program.states]
         largest = max(largest, largest_dimension(program))
     return ChunkSpec(file=path.name, layers=layers, functions=functions, states=states,
                      bytes=folder_bytes(path), largest_dim=largest)
-
-
-def _outputs(program: Any) -> list[tuple[str, Any]]:
-    produced = {name: ttype for op in program.operations for name, ttype in op.outputs}
-    produced.update(dict(program.inputs))
-    return [(name, produced.get(name)) for name in program.outputs]
 
 
 def _tensor_spec(name: str, ttype: Any) -> TensorSpec:

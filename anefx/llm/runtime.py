@@ -12,7 +12,6 @@ token, goes through `decode`.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +173,7 @@ class _CoreMLChunk:
 def _coreml_runs() -> bool:
     from anefx.lower import _can_run_coreml
 
-    return sys.platform == "darwin" and _can_run_coreml()
+    return _can_run_coreml()
 
 
 def load_llm(folder: str | Path, *, precision: str | None = None, backend: str = "auto") -> LLM:

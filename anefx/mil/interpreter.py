@@ -49,7 +49,7 @@ class MilRunner:
         self._constants = {name: self._stored_constant(v) for name, v in program.constants.items()}
         self._constants.update({name: StateRef(name) for name in self.state_names})
         self._steps = [self._step(op) for op in program.operations]
-        self._output_types = dict(_output_types(program))
+        self._output_types = dict(output_types(program))
 
     def reset_states(self) -> None:
         """Every state buffer of this program back to zeros (other entries of a shared dict stay)."""
@@ -177,7 +177,7 @@ class MilRunner:
         return ", ".join(f"{n}: {t.dtype} {t.shape}" for n, t in self.program.inputs)
 
 
-def _output_types(program: Program) -> list[tuple[str, TensorType | None]]:
+def output_types(program: Program) -> list[tuple[str, TensorType | None]]:
     produced = {name: ttype for op in program.operations for name, ttype in op.outputs}
     produced.update(dict(program.inputs))
     return [(name, produced.get(name)) for name in program.outputs]
