@@ -1,4 +1,4 @@
-"""Lowering: ExportedProgram → CoreML ML program, and reading back what was produced."""
+"""The Core ML target: ExportedProgram → CoreML ML program (.mlpackage), and reading back what was produced."""
 
 from __future__ import annotations
 
