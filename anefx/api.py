@@ -26,11 +26,24 @@ def compile(model: torch.nn.Module, example_args: Any, example_kwargs: dict | No
             compute_units: str = "CPU_AND_NE", deployment_target: str = "iOS18", precision: str = "fp16",
             rules: Sequence[Rule | str] | None = None, verify: bool = True,
             attention: str = "split_heads", package_check: str = "warn",
-            progress: Progress = None) -> CompiledModel:
+            progress: Progress = None, buckets: Sequence[Any] | None = None,
+            partition: bool = False, cpu_ops: Sequence[str] | None = None) -> CompiledModel:
     """Compile `model` for the example inputs into a CoreML ML program. See docs/api.md."""
+    if buckets is not None:  # one function per bucket in one package (anefx.bucketed)
+        options = {k: v for k, v in locals().items() if k not in ("model", "example_args", "example_kwargs",
+                                                                  "buckets")}
+        from anefx.bucketed import compile_buckets
+
+        return compile_buckets(model, example_args, example_kwargs, buckets, **options)
     check_options(compute_units, deployment_target, precision, attention)
     if package_check not in CHECKS:
         raise OptionError(f"package_check={package_check!r} is not one of {', '.join(CHECKS)}.")
+    if partition is not False or cpu_ops is not None:  # packages for what converts, torch for the rest
+        options = {k: v for k, v in locals().items() if k not in ("model", "example_args", "example_kwargs",
+                                                                  "partition", "cpu_ops")}
+        from anefx.partition_run import compile_with_partition
+
+        return compile_with_partition(model, example_args, example_kwargs, partition, cpu_ops, options)
     chosen = resolve_rules(rules, compute_units, attention)
     with reporter(progress, "anefx.compile") as say:
         say("capture")

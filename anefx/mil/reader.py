@@ -75,6 +75,8 @@ def read_program(path: str | Path, function: str = "main") -> Program:
         raise MilProgramError(f"{path} holds a {spec.WhichOneof('Type')}, not an ML program; convert with "
                               "convert_to='mlprogram'.")
     functions = spec.mlProgram.functions
+    if function == "main" and function not in functions and spec.description.defaultFunctionName in functions:
+        function = spec.description.defaultFunctionName  # a multifunction package: its default, as CoreML loads
     if function not in functions:
         raise MilProgramError(f"{path} has no function {function!r}; it has {', '.join(functions)}.")
     func = functions[function]
