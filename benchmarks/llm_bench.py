@@ -43,7 +43,6 @@ def measure(name: str, context: int, prefill: int, workdir: Path) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import anefx
-    from anefx.llm.compile import LLMOptions, _lower_one, folder_bytes
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**MODELS[name][1])).eval()
@@ -54,12 +53,7 @@ def measure(name: str, context: int, prefill: int, workdir: Path) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     chunks = [{"file": c.file, "layers": c.layers, "bytes": c.bytes, "prefill_ops": c.functions["prefill"].ops,
                "decode_ops": c.functions["decode"].ops, "largest_dim": c.largest_dim} for c in lm.manifest.chunks]
-    single = 0
-    if len(lm.manifest.chunks) == 1:  # the same program with one function, for the size ratio
-        outputs = [t.name for t in lm.manifest.chunks[0].functions["decode"].outputs]
-        one = _lower_one(lm.rewritten["decode"], LLMOptions(context, prefill), workdir / "one.mlpackage",
-                         outputs=outputs)
-        single = folder_bytes(one)
+    single = sum(c.decode_only_bytes for c in lm.manifest.chunks)  # each chunk's decode function alone
     runtime = anefx.load_llm(folder, precision="fp16")
     ids = list(np.random.default_rng(0).integers(0, 32000, prefill))
     runtime.reset()

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import anefx
 from anefx.cli import app
 from anefx.errors import OptionError
-from anefx.llm.manifest import ManifestError
+from anefx.llm.manifest import LLMManifest, ManifestError
 from anefx.llm.runtime import ContextFullError
 from anefx.mil.reader import read_program
 
@@ -111,6 +111,9 @@ def test_two_functions_share_one_copy_of_the_weights(tiny, tmp_path):
     blob = "Data/com.apple.CoreML/weights/weight.bin"
     ratio = (folder / lm.manifest.chunks[0].file / blob).stat().st_size / (single / blob).stat().st_size
     assert ratio <= 1.05, ratio
+    chunk = lm.manifest.chunks[0]  # the manifest records the decode function saved alone, for the same ratio
+    assert 0 < chunk.decode_only_bytes < chunk.bytes
+    assert LLMManifest.read(folder).chunks[0].decode_only_bytes == chunk.decode_only_bytes
 
 
 def _options(lm):

@@ -252,9 +252,11 @@ def _lower_chunks(rewritten: dict[str, ExportedProgram], options: LLMOptions, fo
                                      chunk.inputs, chunk.outputs)
         say(f"merge chunk {index + 1}/{len(plan.ranges)} functions")
         _save_multifunction(singles, folder / name)
+        spec = _chunk_spec(folder / name, [layers.start, layers.stop])
+        spec.decode_only_bytes = folder_bytes(singles["decode"])
         for path in singles.values():
             shutil.rmtree(path, ignore_errors=True)
-        specs.append(_chunk_spec(folder / name, [layers.start, layers.stop]))
+        specs.append(spec)
     return specs
 
 

@@ -53,6 +53,7 @@ class ChunkSpec:
     states: list[TensorSpec]
     bytes: int  # the package's size on disk
     largest_dim: int  # the largest tensor dimension in the program (the ANE holds <= 16384)
+    decode_only_bytes: int = 0  # the decode function saved alone: what one function would take on disk
 
 
 @dataclass
@@ -101,6 +102,7 @@ class LLMManifest:
 def _manifest(data: dict[str, Any]) -> LLMManifest:
     chunks = [ChunkSpec(
         file=c["file"], layers=list(c["layers"]), bytes=int(c["bytes"]), largest_dim=int(c["largest_dim"]),
+        decode_only_bytes=int(c.get("decode_only_bytes", 0)),
         states=[TensorSpec(**s) for s in c["states"]],
         functions={name: FunctionSpec(inputs=[TensorSpec(**t) for t in f["inputs"]],
                                       outputs=[TensorSpec(**t) for t in f["outputs"]], ops=int(f["ops"]))
