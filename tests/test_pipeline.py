@@ -62,7 +62,7 @@ def test_wrong_rule_is_rolled_back_and_reported(block):
     torch.testing.assert_close(c.rewritten.module()(*args), model(*args), rtol=1e-4, atol=1e-5)
     assert [(p.name, p.status) for p in c.passes if p.name != "relu_to_sigmoid"] == [
         ("legalize", "applied"), ("split_wide_conv", "no-match"), ("split_wide_embedding", "no-match"),
-        ("rmsnorm_to_layernorm", "applied"), ("linear_to_conv1x1", "applied"), ("kv_cache_write", "no-match"),
+        ("fft_to_dft", "no-match"), ("unfold_to_conv", "no-match"), ("rmsnorm_to_layernorm", "applied"), ("linear_to_conv1x1", "applied"), ("kv_cache_write", "no-match"),
         ("split_head_attention", "no-match"), ("sdpa_masked_rows", "no-match"), ("layernorm_channels", "applied"),
         ("layout_bc1s", "applied")]
 
@@ -86,8 +86,9 @@ def test_ane_rules_run_only_for_neural_engine_compute_units(block):
         assert anefx.compile(model, args, compute_units=units).options["rules"] == [r.name for r in RULES]
     for units in ("CPU_ONLY", "CPU_AND_GPU"):
         c = anefx.compile(model, args, compute_units=units)
-        # not ANE rules: a cache write lowered in place (slice_update, not scatter) and a fix of SDPA's lowering
-        assert c.options["rules"] == ["kv_cache_write", "sdpa_masked_rows"]
+        # not ANE rules: FFTs and unfold (coremltools lowers neither), a cache write lowered in place
+        # (slice_update, not scatter) and a fix of SDPA's lowering
+        assert c.options["rules"] == ["fft_to_dft", "unfold_to_conv", "kv_cache_write", "sdpa_masked_rows"]
         assert ops(c.rewritten)["linear"] == 2 and ops(c.rewritten)["convolution"] == 0
     explicit = anefx.compile(model, args, compute_units="CPU_ONLY", rules=["linear_to_conv1x1"])
     assert ops(explicit.rewritten)["convolution"] == 2
@@ -107,7 +108,8 @@ def test_passes_record_matches_deltas_and_time(block):
     model, args = block
     c = anefx.compile(model, args)
     by_name = {p.name: p for p in c.passes}
-    assert list(by_name) == ["legalize", "split_wide_conv", "split_wide_embedding", "rmsnorm_to_layernorm",
+    assert list(by_name) == ["legalize", "split_wide_conv", "split_wide_embedding", "fft_to_dft", "unfold_to_conv",
+                             "rmsnorm_to_layernorm",
                              "linear_to_conv1x1", "kv_cache_write", "split_head_attention", "sdpa_masked_rows",
                              "layernorm_channels", "layout_bc1s"]
     assert by_name["rmsnorm_to_layernorm"].matches == 1
