@@ -1,0 +1,190 @@
+"""anefx.compile(..., partition=True): each convertible region its own verified package, the rest in torch.
+
+The captured program is split by `anefx.partition.plan_partition`; each package region becomes a small module
+(the region's nodes, its weights shared with the model, never copied) that goes through anefx.compile like any
+model: capture, rules verified on the region, lowering. A region coremltools still fails to lower is retried
+with the nodes it named on the CPU side. The steps run in order on named values (`anefx.partition_manifest`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+from torch.utils import _pytree as pytree
+
+from anefx.capture import Captured, capture
+from anefx.errors import LoweringError, OptionError
+from anefx.graph import module_path
+from anefx.partition import (
+    PartitionPlan,
+    Segment,
+    check_cpu_ops,
+    op_name,
+    plan_partition,
+    region_inputs,
+    region_outputs,
+)
+from anefx.partition_manifest import FORMAT, VERSION, cpu_step, tensor_spec
+from anefx.partitioned import PartitionedModel
+
+log = logging.getLogger("anefx")
+_WEIGHT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
+def check_partition_options(partition: Any, cpu_ops: Any) -> list[str]:
+    if not isinstance(partition, bool):
+        raise OptionError(f"partition must be True or False, got {partition!r}.")
+    entries = check_cpu_ops(cpu_ops)
+    if cpu_ops is not None and not partition:
+        raise OptionError("cpu_ops= keeps nodes in torch, which only a partitioned compile can do: pass "
+                          "partition=True as well.")
+    return entries
+
+
+def compile_partitioned(model: torch.nn.Module, example_args: Any, example_kwargs: dict | None,
+                        cpu_ops: list[str], options: dict[str, Any], captured: Captured | None = None
+                        ) -> PartitionedModel:
+    """Capture, plan, compile each package region with anefx.compile(**options), describe the steps."""
+    cap = captured or capture(model, example_args, example_kwargs)
+    values = record_values(cap)
+    extra: dict[str, str] = {}
+    for _attempt in range(len(values) + 1):
+        plan = plan_partition(cap.exported, cpu_ops, extra)
+        try:
+            packages = [compile_region(cap.exported, s, values, options) for s in plan.packages]
+        except LoweringError as exc:
+            named = _nodes_named_by(exc, plan)
+            if not named:
+                raise
+            extra.update({n.name: f"coremltools failed to lower it ({str(exc).splitlines()[0][:160]})" for n in named})
+            continue
+        return _partitioned(cap, plan, packages, values, options)
+    raise AssertionError("unreachable: every retry moves at least one node to the CPU side")
+
+
+def record_values(cap: Captured) -> dict[str, Any]:
+    """Every node's value (weights, inputs, intermediate results) on the example, by node name."""
+    ep = cap.exported
+    users = iter(t for t in pytree.tree_leaves((cap.args, cap.kwargs)) if isinstance(t, torch.Tensor))
+    flat = [_weight(ep, s) if s.kind in _WEIGHT_KINDS else next(users) for s in ep.graph_signature.input_specs]
+    values: dict[str, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            values[node.name] = super().run_node(node)
+            return values[node.name]
+
+    with torch.no_grad():
+        Recorder(ep.graph_module).run(*flat)
+    return values
+
+
+def _weight(ep: ExportedProgram, spec: Any) -> torch.Tensor:
+    return ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
+
+
+def weight_names(ep: ExportedProgram) -> dict[str, Any]:
+    """Placeholder name -> input spec of the program's parameters, buffers and constants."""
+    return {s.arg.name: s for s in ep.graph_signature.input_specs if s.kind in _WEIGHT_KINDS}
+
+
+def region_module(ep: ExportedProgram, segment: Segment) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]:
+    """The segment as a module: its outside values as inputs, a dict of the values it makes as its output, its
+    weights registered as the model's own tensors (shared)."""
+    weights = weight_names(ep)
+    inputs, outputs = region_inputs(segment, set(weights)), region_outputs(segment)
+    root, graph, env = torch.nn.Module(), fx.Graph(), {}
+    for node in inputs:
+        env[node] = graph.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+    for node in segment.nodes:
+        for arg in node.all_input_nodes:
+            if arg.name in weights and arg not in env:
+                _register(root, arg.name, _weight(ep, weights[arg.name]), weights[arg.name].kind)
+                env[arg] = graph.get_attr(arg.name)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output({node.name: env[node] for node in outputs})
+    return fx.GraphModule(root, graph), inputs, outputs
+
+
+def _register(root: torch.nn.Module, name: str, tensor: torch.Tensor, kind: InputKind) -> None:
+    if kind == InputKind.PARAMETER and isinstance(tensor, torch.nn.Parameter):
+        root.register_parameter(name, tensor)
+    else:
+        root.register_buffer(name, tensor)
+
+
+def compile_region(ep: ExportedProgram, segment: Segment, values: dict[str, Any], options: dict[str, Any]) -> Any:
+    from anefx.api import compile as anefx_compile
+
+    module, inputs, _outputs = region_module(ep, segment)
+    examples = tuple(values[n.name] for n in inputs)
+    return anefx_compile(module, examples, **options)
+
+
+def _nodes_named_by(exc: LoweringError, plan: PartitionPlan) -> list[fx.Node]:
+    """The package nodes whose op coremltools' error names (its message quotes the op's short name)."""
+    text = str(exc)
+    nodes = [n for s in plan.packages for n in s.nodes]
+    return [n for n in nodes if f"node {n.name} " in text or (hasattr(n.target, "_opname") and any(
+        f"{quote}{n.target._opname}{end}" in text for quote, end in (("'", "'"), ("kind ", "\n"), ("kind ", ","))))]
+
+
+def _partitioned(cap: Captured, plan: PartitionPlan, packages: list, values: dict[str, Any],
+                 options: dict[str, Any]) -> PartitionedModel:
+    ep, weights = cap.exported, weight_names(cap.exported)
+    steps, package_iter = [], iter(packages)
+    for index, segment in enumerate(s for s in plan.segments):
+        if segment.kind == "package":
+            steps.append(package_step(ep, segment, next(package_iter), values, len([
+                s for s in plan.segments[:index] if s.kind == "package"])))
+        else:
+            steps += [cpu_step(n, values, plan.reasons.get(n.name, "")) for n in segment.nodes]
+    outputs = list(ep.graph_module.graph.output_node().args[0])
+    cpu_reads = {a.name for n in plan.cpu_nodes for a in n.all_input_nodes} | {n.name for n in outputs}
+    cpu_weights = {name: _weight(ep, spec) for name, spec in weights.items() if name in cpu_reads}
+    manifest = {
+        "format": FORMAT, "version": VERSION, "precision": options.get("precision", "fp16"),
+        "inputs": [tensor_spec(name, values[name]) for name in cap.input_names],
+        "outputs": [{**tensor_spec(name, values[n.name]), "value": n.name}
+                    for name, n in zip(cap.output_names, outputs, strict=True)],
+        "steps": steps, "cpu_weights": "cpu_weights.safetensors" if cpu_weights else None,
+        "folded": plan.folded, "output_structure": _structure(cap.reference),
+    }
+    return PartitionedModel(manifest, packages, cpu_weights, cap.exported, binding=cap.binding,
+                            out_spec=pytree.tree_structure(cap.reference), example=(cap.args, cap.kwargs))
+
+
+def package_step(ep: ExportedProgram, segment: Segment, compiled: Any, values: dict[str, Any],
+                 number: int) -> dict[str, Any]:
+    inputs, outputs = region_inputs(segment, set(weight_names(ep))), region_outputs(segment)
+    paths = [p for p in (module_path(n) for n in segment.nodes) if p]
+    return {
+        "kind": "package", "package": f"package_{number}.mlpackage",
+        "inputs": [{**tensor_spec(name, values[n.name]), "value": n.name}
+                   for name, n in zip(compiled.input_names, inputs, strict=True)],
+        "outputs": [{**tensor_spec(name, values[n.name]), "value": n.name}
+                    for name, n in zip(compiled.output_names, outputs, strict=True)],
+        "ops": len(segment.nodes), "modules": sorted(set(paths), key=paths.index),
+        "first_op": op_name(segment.nodes[0]), "last_op": op_name(segment.nodes[-1]),
+    }
+
+
+def _structure(reference: Any) -> str | None:
+    """The model's output structure as torch's pytree serializes it (None for a type it cannot)."""
+    try:
+        return pytree.treespec_dumps(pytree.tree_structure(reference))
+    except Exception:  # noqa: BLE001 - e.g. a ModelOutput class: the loaded model returns a dict instead
+        return None
+
+
+def compile_with_partition(model: torch.nn.Module, example_args: Any, example_kwargs: dict | None, partition: Any,
+                           cpu_ops: Any, options: dict[str, Any]) -> PartitionedModel:
+    """anefx.compile(..., partition=True): options checked, then `compile_partitioned`."""
+    entries = check_partition_options(partition, cpu_ops)
+    return compile_partitioned(model, example_args, example_kwargs, entries, options)
