@@ -116,7 +116,7 @@ def staged(console: Console, what: str) -> Iterator[Callable[[str], None]]:
 
 def _compile(target: str, examples: list[str] | None, console: Console, *, compute_units: str,
              precision: str, deployment_target: str, attention: str | None, rules: str | None,
-             progress: Callable[[str], None]):
+             progress: Callable[[str], None], buckets: list[str] | None = None):
     from anefx.api import compile as anefx_compile
     from anefx.backend import BackendOptions, accepts_attention
     from anefx.target import example_inputs, load_target, parse_example
@@ -133,7 +133,13 @@ def _compile(target: str, examples: list[str] | None, console: Console, *, compu
     names = [*inspect.signature(loaded.model.forward).parameters][:len(args)]
     inputs = [*zip(names, args, strict=False), *kwargs.items()]
     console.print(f"[bold]{loaded.description}[/]: " + ", ".join(_describe(k, v) for k, v in inputs))
-    return loaded, anefx_compile(loaded.model, args, kwargs, progress=progress, **options.compile_kwargs())
+    extra = {}
+    if buckets:  # one function per --bucket in one package (anefx.bucket_cli)
+        from anefx.bucket_cli import bucket_calls
+
+        extra["buckets"] = bucket_calls(loaded, args, kwargs, buckets)
+    return loaded, anefx_compile(loaded.model, args, kwargs, progress=progress, **extra,
+                                 **options.compile_kwargs())
 
 
 def _rule_names(rules: str | None) -> list[str] | None:
@@ -157,7 +163,10 @@ def compile_command(
         output: Annotated[Path | None, typer.Option("-o", "--output", help="the .mlpackage to write")] = None,
         compute_units: ComputeUnits = "CPU_AND_NE", precision: Precision = "fp16",
         deployment_target: DeploymentTarget = "iOS18", attention: Attention = None,
-        rules: Rules = None) -> None:
+        rules: Rules = None,
+        bucket: Annotated[list[str] | None, typer.Option("--bucket", help="also compile these input shapes, one "
+                          "function each in the same package: NAME:SHAPE[,NAME:SHAPE…], e.g. input_ids:1x128 "
+                          "(repeatable; dtypes as the example's)")] = None) -> None:
     """Compile TARGET into a .mlpackage and show what each rule did."""
     from anefx.files import check_package_target, package_path
     from anefx.report import pass_table
@@ -167,7 +176,7 @@ def compile_command(
     with staged(console, "compiling") as progress:
         loaded, compiled = _compile(target, example, console, compute_units=compute_units,
                                     precision=precision, deployment_target=deployment_target,
-                                    attention=attention, rules=rules, progress=progress)
+                                    attention=attention, rules=rules, progress=progress, buckets=bucket)
         progress("save")
         path = compiled.save(output or Path(f"{loaded.name}.mlpackage"))
     for note in compiled.notes:
@@ -292,7 +301,9 @@ def report_command(package: Annotated[Path, typer.Argument(
         _llm_report(package)
         return
 
-    report = package_report(package)
+    from anefx.bucket_cli import show_functions
+
+    report = package_report(package, show_functions(package, console))  # a table of functions first, if several
     for table in report_tables(report):
         console.print(table)
     if report.unsupported:
