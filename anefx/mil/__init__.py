@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from anefx.mil import ops_conv_transpose, ops_pool, ops_rearrange, ops_resample  # noqa: F401 (kernels)
+from anefx.mil import ops_constexpr, ops_conv_transpose, ops_pool, ops_rearrange, ops_resample  # noqa: F401 (kernels)
 from anefx.mil.errors import MilError, MilInputError, MilProgramError, MilRuntimeError, UnsupportedOpError
 from anefx.mil.interpreter import MilRunner, check_precision
 from anefx.mil.metrics import ErrorReport, compare, compare_outputs, psnr

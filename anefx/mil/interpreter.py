@@ -49,6 +49,7 @@ class MilRunner:
         self._constants = {name: self._stored_constant(v) for name, v in program.constants.items()}
         self._constants.update({name: StateRef(name) for name in self.state_names})
         self._steps = [self._step(op) for op in program.operations]
+        self._fold_constexpr()
         self._output_types = dict(output_types(program))
 
     def reset_states(self) -> None:
@@ -85,6 +86,12 @@ class MilRunner:
                 f"in this program: {', '.join(unknown)}. Change the model so it does not lower to this op, "
                 "or add a kernel to anefx/mil/ops_*.py (see anefx.mil.SUPPORTED_OPS).")
         return _Step(op, fn, OpContext(op, self.precision, self.program.opset_version, self.states))
+
+    def _fold_constexpr(self) -> None:
+        """Compressed weights (constexpr_* ops read constants alone) are decompressed once, at load."""
+        for step in [s for s in self._steps if s.op.type.startswith("constexpr_")]:
+            self._run(step, self._constants)
+        self._steps = [s for s in self._steps if not s.op.type.startswith("constexpr_")]
 
     def _storage_dtype(self, ttype: TensorType | None) -> np.dtype | None:
         if ttype is None:

@@ -15,6 +15,7 @@ import numpy as np
 
 from anefx.mil.blob import BlobFile
 from anefx.mil.errors import MilProgramError
+from anefx.mil.packed_bits import SUB_BYTE, unpack_bits
 
 # MIL proto DataType name → numpy dtype (sub-byte and fp8 types have no numpy equivalent)
 DTYPES: dict[str, Any] = {
@@ -151,6 +152,8 @@ class _ValueLoader:
             raise MilProgramError(f"const {owner!r} has a {kind} value, which the interpreter cannot read.")
         tt = value.type.tensorType
         dtype_name = _dtype_name(tt.dataType)
+        if dtype_name in SUB_BYTE:  # packed indices / quantized data of compressed weights
+            return self._sub_byte(value, dtype_name, tuple(int(d.constant.size) for d in tt.dimensions))
         if dtype_name not in DTYPES:
             raise MilProgramError(f"const {owner!r} has type {dtype_name}, which the interpreter does not "
                                   "read (compressed weights); run it on an uncompressed program.")
@@ -159,6 +162,16 @@ class _ValueLoader:
         if value.WhichOneof("value") == "blobFileValue":
             return self._blob(value.blobFileValue).read(value.blobFileValue.offset, dtype, shape)
         return _immediate(value.immediateValue.tensor, dtype, shape)
+
+    def _sub_byte(self, value: Any, dtype_name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if value.WhichOneof("value") == "blobFileValue":
+            blob = self._blob(value.blobFileValue)
+            start, size = blob.entry(value.blobFileValue.offset)
+            raw = np.asarray(blob.data[start:start + size])
+        else:
+            raw = np.frombuffer(value.immediateValue.tensor.bytes.values, np.uint8)
+        nbits, signed = SUB_BYTE[dtype_name]
+        return unpack_bits(raw, nbits, int(np.prod(shape, dtype=np.int64)), signed).reshape(shape)
 
     def _blob(self, file_value: Any) -> BlobFile:
         name = file_value.fileName

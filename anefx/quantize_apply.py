@@ -1,0 +1,112 @@
+"""Apply a QuantizeConfig to a lowered CoreML model through `coremltools.optimize.coreml`.
+
+Each weight gets its own config by const name (`OptimizationConfig(op_name_configs=...)`), so only the weights
+anefx chose are touched: int8 weights through `linear_quantize_weights`, lut weights through
+`palettize_weights` with anefx's k-means (below). The k-means is a deterministic weighted 1-D Lloyd's
+algorithm over the distinct values of a group (quantile start): the same weights always give the same table,
+which lets a multifunction package store the prefill and decode copies of a weight once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+
+from anefx.quantize import QuantizeConfig, QuantizePlan, plan_weights
+
+KMEANS_ITERATIONS = 40
+
+
+def quantize_mlmodel(mlmodel: Any, config: QuantizeConfig) -> tuple[Any, QuantizePlan]:
+    """A new CoreML model with the weights of `mlmodel` quantized as `config` says (mlmodel is left as it is)."""
+    from anefx.lower import _quiet_coremltools
+
+    _quiet_coremltools()
+    from coremltools.optimize.coreml import OptimizationConfig, linear_quantize_weights, palettize_weights
+
+    plan = plan_weights(_program(mlmodel), config)
+    shapes = _weight_shapes(mlmodel)
+    int8 = {n: _int8_config() for n, (_, m) in plan.weights.items() if m == "int8"}
+    luts = {n: _lut_config(m, config.group_size, shapes[n]) for n, (_, m) in plan.weights.items()
+            if m.startswith("lut")}
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if int8:
+            mlmodel = linear_quantize_weights(mlmodel, OptimizationConfig(op_name_configs=int8))
+        if luts:
+            mlmodel = palettize_weights(mlmodel, OptimizationConfig(op_name_configs=luts))
+    return mlmodel, plan
+
+
+def _program(mlmodel: Any) -> Any:
+    """The model's program as coremltools' compression passes read it (so const names match)."""
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    spec = mlmodel.get_spec()
+    return load(model_spec=spec, specification_version=spec.specificationVersion,
+                file_weights_dir=mlmodel.weights_dir)
+
+
+def _weight_shapes(mlmodel: Any) -> dict[str, tuple[int, ...]]:
+    block = _program(mlmodel).functions["main"]
+    return {op.name: tuple(op.outputs[0].shape) for op in block.operations if op.op_type == "const"}
+
+
+def _int8_config() -> Any:
+    from coremltools.optimize.coreml import OpLinearQuantizerConfig
+
+    return OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                                   weight_threshold=1)
+
+
+def _lut_config(mode: str, group_size: int, shape: tuple[int, ...]) -> Any:
+    from coremltools.optimize.coreml import OpPalettizerConfig
+
+    nbits = int(mode.removeprefix("lut"))
+    grouped = bool(shape) and shape[0] % group_size == 0 and shape[0] > group_size
+    return OpPalettizerConfig(mode="custom", lut_function=functools.partial(kmeans_lut, nbits=nbits),
+                              granularity="per_grouped_channel" if grouped else "per_tensor",
+                              group_size=group_size if grouped else 0, weight_threshold=1)
+
+
+def kmeans_lut(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lookup table of 2**nbits entries in values' dtype, uint8 index of every value, flattened): k-means
+    clusters of the values, weighted by how often each distinct value occurs."""
+    flat = np.asarray(values).reshape(-1)
+    distinct, inverse, counts = np.unique(flat.astype(np.float32), return_inverse=True, return_counts=True)
+    k = 1 << nbits
+    if distinct.size <= k:
+        table = np.concatenate([distinct, np.full(k - distinct.size, distinct[-1], np.float32)])
+        return table.astype(flat.dtype), inverse.reshape(-1).astype(np.uint8)
+    centers = _quantile_start(distinct, counts, k)
+    weighted = distinct.astype(np.float64) * counts
+    for _ in range(KMEANS_ITERATIONS):
+        cluster = _nearest(centers, distinct)
+        total = np.bincount(cluster, weights=counts, minlength=k)
+        sums = np.bincount(cluster, weights=weighted, minlength=k)
+        moved = np.where(total > 0, sums / np.maximum(total, 1), centers)
+        if np.array_equal(moved, centers):
+            break
+        centers = moved
+    table = centers.astype(flat.dtype)
+    cluster = _nearest(table.astype(np.float64), distinct)
+    return table, cluster[inverse.reshape(-1)].astype(np.uint8)
+
+
+def _quantile_start(distinct: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
+    cumulative = np.cumsum(counts)
+    targets = (np.arange(k) + 0.5) / k * cumulative[-1]
+    return distinct[np.minimum(np.searchsorted(cumulative, targets), distinct.size - 1)].astype(np.float64)
+
+
+def _nearest(centers: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Index of the nearest center for each value (centers sorted ascending; ties to the lower one)."""
+    order = np.argsort(centers, kind="stable")
+    ordered = centers[order]
+    bounds = (ordered[1:] + ordered[:-1]) / 2
+    return order[np.searchsorted(bounds, values, side="left")]
