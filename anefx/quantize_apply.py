@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from anefx.quantize import QuantizeConfig, QuantizePlan, plan_weights
+from anefx.errors import OptionError
+from anefx.quantize import QuantizeConfig, QuantizePlan, plan_weights, quantize_config
 
 KMEANS_ITERATIONS = 40
 
@@ -110,3 +111,34 @@ def _nearest(centers: np.ndarray, values: np.ndarray) -> np.ndarray:
     ordered = centers[order]
     bounds = (ordered[1:] + ordered[:-1]) / 2
     return order[np.searchsorted(bounds, values, side="left")]
+
+
+# min PSNR (dB) of a quantized program's package check against the fp32 model: quantization costs fidelity by
+# design (the ladder measures how much); below these something else is wrong (e.g. fp16 overflow)
+QUANTIZED_MIN_PSNR = {"int8": 30.0, "lut8": 30.0, "lut6": 20.0, "lut4": 15.0}
+
+
+def check_quantize(quantize: Any, deployment_target: str, target: str = "coreml") -> None:
+    """anefx.compile's `quantize=` checked before any work (OptionError naming the allowed values)."""
+    if quantize is not None and target != "coreml":
+        raise OptionError(f"quantize= works with target='coreml' only (target={target!r} was given); drop "
+                          "quantize, or compile for Core ML.")
+    quantize_config(quantize, deployment_target)
+
+
+def quantize_lowered(mlmodel: Any, quantize: Any, deployment_target: str, say: Any = None) -> Any:
+    """The lowered model with its weights quantized as `quantize` says (the model itself when None)."""
+    config = quantize_config(quantize, deployment_target)
+    if config is None:
+        return mlmodel
+    if say is not None:
+        say(f"quantize weights ({config.describe()})")
+    return quantize_mlmodel(mlmodel, config)[0]
+
+
+def quantized_check(check: Any, quantize: Any) -> Any:
+    """A package check of a quantized program keeps its inf/NaN test; its PSNR floor is the quantized one."""
+    config = quantize_config(quantize, "iOS18") if quantize is not None else None
+    if config is not None and check is not None:
+        check.min_psnr = min(QUANTIZED_MIN_PSNR.get(m, check.min_psnr) for m in config.modes())
+    return check
