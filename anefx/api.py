@@ -17,6 +17,7 @@ from anefx.mlpackage import program_weights_sha256
 from anefx.package_check import CHECKS, report
 from anefx.pipeline import Tolerance, layout_note, rank_note, run_pipeline
 from anefx.progress import Progress, reporter
+from anefx.quantize_apply import check_quantize, quantize_lowered, quantized_check
 from anefx.rule import Rule
 
 log = logging.getLogger("anefx")
@@ -26,9 +27,11 @@ def compile(model: torch.nn.Module, example_args: Any, example_kwargs: dict | No
             compute_units: str = "CPU_AND_NE", deployment_target: str = "iOS18", precision: str = "fp16",
             rules: Sequence[Rule | str] | None = None, verify: bool = True,
             attention: str = "split_heads", package_check: str = "warn",
+            quantize: Any = None,
             progress: Progress = None, buckets: Sequence[Any] | None = None,
             partition: bool = False, cpu_ops: Sequence[str] | None = None) -> CompiledModel:
     """Compile `model` for the example inputs into a CoreML ML program. See docs/api.md."""
+    check_quantize(quantize, deployment_target, locals().get("target", "coreml"))  # anefx.quantize
     if buckets is not None:  # one function per bucket in one package (anefx.bucketed)
         options = {k: v for k, v in locals().items() if k not in ("model", "example_args", "example_kwargs",
                                                                   "buckets")}
@@ -58,13 +61,15 @@ def compile(model: torch.nn.Module, example_args: Any, example_kwargs: dict | No
         say("lower")
         mlmodel = lower(rewritten, input_names=cap.input_names, output_names=cap.output_names,
                         compute_units=compute_units, deployment_target=deployment_target, precision=precision)
+        mlmodel = quantize_lowered(mlmodel, quantize, deployment_target, say)
         compiled = _compiled(cap, rewritten, mlmodel, records, snapshots, chosen,
                              compute_units=compute_units, deployment_target=deployment_target, precision=precision,
-                             verify=verify, attention=attention, package_check=package_check)
+                             verify=verify, attention=attention, package_check=package_check,
+                             quantize=quantize)
         compiled.weights_sha256 = program_weights_sha256(cap.exported)  # what was lowered, even if the
         if package_check != "skip":                                      # model changes before save
             say(f"check the package ({precision}, MIL interpreter)")
-            compiled.package_check = compiled.check_package()
+            compiled.package_check = quantized_check(compiled.check_package(), quantize)
     if compiled.package_check is not None:
         report(compiled.package_check, package_check)
     return compiled
