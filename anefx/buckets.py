@@ -40,6 +40,7 @@ class CallForm:
     shapes: tuple[tuple[int, ...], ...]
     dtypes: list[torch.dtype]
     constants: dict[str, Any] = field(default_factory=dict)
+    positional: tuple[str, ...] = ()  # the parameters passed by position
 
 
 @dataclass
@@ -78,7 +79,7 @@ def bucket_examples(model: torch.nn.Module, example_args: Any, example_kwargs: d
     for index, bucket in enumerate(buckets):
         args, kwargs = _bucket_call(bucket, index, constants)
         try:
-            form = call_form(model, args, kwargs)
+            form = call_form(model, args, kwargs, reference.positional)
         except InvalidExampleError as exc:
             raise BucketError(f"buckets[{index}]: {exc}") from None
         check_same_form(form, reference, f"buckets[{index}]")
@@ -107,20 +108,25 @@ def _bucket_call(bucket: Any, index: int, constants: dict) -> tuple[tuple, dict]
                       "a tensor, a tuple of tensors, a dict of keyword tensors, or (args, kwargs).")
 
 
-def call_form(model: torch.nn.Module, args: Any, kwargs: dict | None) -> CallForm:
-    """The call bound to the model's forward by name (as anefx.capture binds it), its tensors flattened."""
+def call_form(model: torch.nn.Module, args: Any, kwargs: dict | None,
+              positional: tuple[str, ...] | None = None) -> CallForm:
+    """The call bound to the model's forward by name (as anefx.capture binds it), its tensors flattened;
+    the parameters in `positional` (default: those the call fills by position) count as positional."""
     from anefx.binding import _path, canonical, forward_signature, positional_names, split_constants
     from anefx.capture import check_inputs
 
     args, kwargs = check_inputs(model, args, kwargs)
     signature = forward_signature(model)
-    positional, named = canonical(signature, args, kwargs, positional_names(signature, args))
+    names = positional_names(signature, args) if positional is None else positional
+    by_position, named = canonical(signature, args, kwargs, names)
     tensors, constants = split_constants(named)
-    leaves, spec = pytree.tree_flatten_with_path((positional, tensors))
+    leaves, spec = pytree.tree_flatten_with_path((by_position, tensors))
     if any(not isinstance(t, torch.Tensor) for _, t in leaves):
         raise InvalidExampleError("every input of a bucket must be a tensor (flags go in as keyword constants).")
-    return CallForm(spec, [_path(p) for p, _ in leaves], tuple(tuple(t.shape) for _, t in leaves),
-                    [t.dtype for _, t in leaves], constants)
+    paths = [_path(p) if p[0].idx or p[1].idx >= len(names) else names[p[1].idx] + pytree.keystr(p[2:])
+             for p, _ in leaves]
+    return CallForm(spec, paths, tuple(tuple(t.shape) for _, t in leaves), [t.dtype for _, t in leaves], constants,
+                    names)
 
 
 def check_same_form(form: CallForm, reference: CallForm, where: str) -> None:
