@@ -29,9 +29,15 @@ def compile(model: torch.nn.Module, example_args: Any, example_kwargs: dict | No
             attention: str = "split_heads", package_check: str = "warn",
             quantize: Any = None,
             progress: Progress = None, buckets: Sequence[Any] | None = None,
-            partition: bool = False, cpu_ops: Sequence[str] | None = None) -> CompiledModel:
-    """Compile `model` for the example inputs into a CoreML ML program. See docs/api.md."""
+            partition: bool = False, cpu_ops: Sequence[str] | None = None, target: str = "coreml") -> CompiledModel:
+    """Compile `model` for the example inputs into a CoreML ML program (target="coreai": a Core AI model).
+    See docs/api.md."""
     check_quantize(quantize, deployment_target, locals().get("target", "coreml"))  # anefx.quantize
+    if target != "coreml":  # another Apple format, same capture and rules (anefx.lower.target)
+        from anefx.lower.target import compile_to_target
+
+        options = {k: v for k, v in locals().items() if k not in ("model", "example_args", "example_kwargs")}
+        return compile_to_target(model, example_args, example_kwargs, **options)
     if buckets is not None:  # one function per bucket in one package (anefx.bucketed)
         options = {k: v for k, v in locals().items() if k not in ("model", "example_args", "example_kwargs",
                                                                   "buckets")}

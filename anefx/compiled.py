@@ -46,11 +46,15 @@ class CompiledModel:
     _runners: dict[str, Any] = field(default_factory=dict, repr=False)
     package_check: PackageCheck | None = None  # the lowered program run on the example (anefx.package_check)
     weights_sha256: str = ""  # fingerprint of the weights compiled (taken at compile time; recorded by save)
+    artifact: Any = None  # another format's model (anefx.lower.target, e.g. target="coreai"); mlmodel is None then
 
     def save(self, path: str | Path) -> Path:
         """Write the .mlpackage (the suffix is added when missing), atomically: a package already there is
         replaced only once the new one is complete, anything else there is refused (FileWriteError).
-        The package records anefx's version, the input/output names and the weights' fingerprint."""
+        The package records anefx's version, the input/output names and the weights' fingerprint.
+        With target="coreai": the .aimodel folder (see anefx.lower.coreai)."""
+        if self.artifact is not None:
+            return self.artifact.save(path)
         from anefx.files import atomic_package_write, package_path
         from anefx.mlpackage import anefx_metadata, stamp_metadata
 
@@ -66,7 +70,7 @@ class CompiledModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the lowered program: CoreML on macOS; elsewhere anefx's MIL interpreter runs the saved
         package (emulating fp16 for an fp16 program). Returns the model's own output structure."""
-        if sys.platform != "darwin":
+        if sys.platform != "darwin" and self.artifact is None:
             _notice_once("CoreML cannot run on this OS: anefx runs the saved ML program in its own MIL "
                          f"interpreter instead ({self.options.get('precision', 'fp16')} emulated in numpy).")
         outs = [torch.from_numpy(np.asarray(a)) for a in self.predict(*args, **kwargs).values()]
@@ -76,6 +80,8 @@ class CompiledModel:
     def predict(self, *args: Any, precision: str | None = None, **kwargs: Any) -> dict[str, np.ndarray]:
         """The lowered program's outputs by name (CoreML on macOS, the MIL interpreter elsewhere)."""
         feed = self._feed(args, kwargs)
+        if self.artifact is not None:  # runs where its OS can (CannotRunError elsewhere)
+            return self.artifact.predict(feed)
         if sys.platform == "darwin" and precision is None:
             result = self.mlmodel.predict(feed)
             return {name: np.asarray(result[name]) for name in self.output_names}

@@ -1,0 +1,174 @@
+"""What a saved Core AI model (.aimodel) holds: its program read back from the asset (main.mlirb, MLIR bytecode,
+loaded with coreai-core) and the same structural figures `anefx report` gives for a .mlpackage.
+
+Op types are the program's own names without the `coreai.` dialect prefix (`conv2d`, `softmax`, `reshape`,
+`decomposable.broadcasting_batch_matmul`…). A call of a composite graph (`coreai.invoke` of a graph declared as
+a composite, e.g. the layer norms) counts under the composite's name (`layer_norm`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anefx.errors import AnefxError
+
+DIALECT = "coreai."
+CONV = ("conv2d", "conv3d", "conv_transpose2d", "conv_transpose3d")
+MATMUL = ("batch_matmul", "decomposable.broadcasting_batch_matmul")
+LAYOUT = ("transpose", "reshape", "expand_dims", "shrink_dims")
+_COMPOSITE = re.compile(r'composite_declaration<"([^"]+)"')
+
+
+class AimodelReadError(AnefxError):
+    """A path given as a Core AI model cannot be read as one."""
+
+
+@dataclass
+class AimodelReport:
+    path: Path
+    inputs: dict[str, tuple[list[int], str]]
+    outputs: dict[str, tuple[list[int], str]]
+    ops: Counter = field(default_factory=Counter)  # the main graph's ops, composites by name
+    softmax_shapes: Counter = field(default_factory=Counter)  # (shape, axis) → count
+    weight_matmuls: int = 0  # matmuls with a constant operand: projections not in conv form
+    max_rank: int = 0
+    largest_dim: int = 0
+
+    @property
+    def conv(self) -> int:
+        return sum(self.ops[t] for t in CONV)
+
+    @property
+    def matmul(self) -> int:
+        return sum(self.ops[t] for t in MATMUL)
+
+    @property
+    def layout_ops(self) -> int:
+        return sum(self.ops[t] for t in LAYOUT)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"format": "aimodel", "path": str(self.path), "ops": dict(self.ops.most_common()),
+                "inputs": {k: {"shape": s, "dtype": d} for k, (s, d) in self.inputs.items()},
+                "outputs": {k: {"shape": s, "dtype": d} for k, (s, d) in self.outputs.items()},
+                "conv": self.conv, "linear": 0, "matmul": self.matmul, "weight_matmuls": self.weight_matmuls,
+                "softmax": self.ops["softmax"],
+                "softmax_shapes": [{"shape": list(s), "axis": a, "count": n}
+                                   for (s, a), n in self.softmax_shapes.items()],
+                "layout_ops": self.layout_ops, "max_rank": self.max_rank, "largest_dim": self.largest_dim}
+
+
+def is_aimodel(path: str | Path) -> bool:
+    path = Path(path)
+    return path.suffix == ".aimodel" and path.is_dir()
+
+
+def aimodel_report(path: str | Path) -> AimodelReport:
+    """Read the saved asset at `path` and count what its program does."""
+    path = Path(path)
+    module = _load_module(path)  # kept alive while its operations are read
+    graphs = _graphs(module)
+    if "main" not in graphs:
+        raise AimodelReadError(f"{path} has no `main` function ({', '.join(graphs) or 'none'}); anefx writes "
+                               "one. Compile it again with anefx.compile(..., target='coreai').")
+    composites = {name: m.group(1) for name, op in graphs.items() if "composite_decl" in op.attributes
+                  and (m := _COMPOSITE.search(str(op.attributes["composite_decl"])))}
+    main = graphs["main"]
+    report = AimodelReport(path, *_signature(main))
+    constants = set()
+    for op in _body(main):
+        name = _op_type(op, composites)
+        report.ops[name] += 1
+        if name == "constant":
+            constants.update(_ids(op.results))
+        elif name in MATMUL and any(_id(v) in constants for v in op.operands):
+            report.weight_matmuls += 1
+        elif name == "softmax":
+            report.softmax_shapes[(tuple(_shape(op.results[0].type)), _softmax_axis(op))] += 1
+    for graph in graphs.values():
+        _measure(report, graph)
+    return report
+
+
+def _load_module(path: Path) -> Any:
+    if not is_aimodel(path):
+        raise AimodelReadError(f"{path} is not a Core AI model folder (.aimodel). Give the folder "
+                               "c.save('model.aimodel') or `anefx compile --target coreai` wrote.")
+    from anefx.lower.coreai import require_coreai
+
+    require_coreai()
+    from coreai.authoring.asset import AIModelAsset
+
+    try:
+        return AIModelAsset.load(path).program._module._mlir_module  # noqa: SLF001 - the IR is what we read
+    except Exception as exc:  # noqa: BLE001 - reported with what to do
+        raise AimodelReadError(f"{path} could not be read as a Core AI model ({type(exc).__name__}: "
+                               f"{str(exc)[:200]}). Save it again with anefx.") from exc
+
+
+def _graphs(module: Any) -> dict[str, Any]:
+    return {str(op.attributes["sym_name"]).strip('"'): op for op in module.body.operations
+            if op.operation.name == "coreai.graph"}
+
+
+def _body(graph: Any) -> list[Any]:
+    return [op for block in graph.regions[0].blocks for op in block.operations]
+
+
+def _op_type(op: Any, composites: dict[str, str]) -> str:
+    name = op.operation.name.removeprefix(DIALECT)
+    if name == "invoke":
+        callee = re.search(r"@([\w.$-]+)", str(op.attributes["callee"]))
+        return composites.get(callee.group(1), "invoke") if callee else "invoke"
+    return name
+
+
+def _signature(graph: Any) -> tuple[dict, dict]:
+    from coreai._compiler.ir import FunctionType
+
+    kind = FunctionType(graph.attributes["function_type"].value)
+    args, results = _names(graph, "arg_attrs", len(kind.inputs)), _names(graph, "res_attrs", len(kind.results))
+    return ({n: _describe(t) for n, t in zip(args, kind.inputs, strict=True)},
+            {n: _describe(t) for n, t in zip(results, kind.results, strict=True)})
+
+
+def _names(graph: Any, attr: str, count: int) -> list[str]:
+    found = re.findall(r'coreai\.name = "([^"]*)"', str(graph.attributes[attr])) if attr in graph.attributes else []
+    return found if len(found) == count else [f"{attr[:3]}{i}" for i in range(count)]
+
+
+def _describe(t: Any) -> tuple[list[int], str]:
+    text = str(t)
+    return _shape(t), text.rsplit("x", 1)[-1].rstrip(">") if "x" in text else text
+
+
+def _shape(t: Any) -> list[int]:
+    match = re.match(r"tensor<([0-9x]*?)x?([a-z]+[0-9]*)>", str(t))
+    if not match or not match.group(1):
+        return []
+    return [int(d) for d in match.group(1).split("x") if d]
+
+
+def _softmax_axis(op: Any) -> int:
+    """The axis operand's value (a constant), or -1 when it is not a constant."""
+    match = re.search(r"coreai\.constant dense<(-?\d+)>", str(op.operands[1].owner))
+    return int(match.group(1)) if match else -1
+
+
+def _measure(report: AimodelReport, graph: Any) -> None:
+    for op in _body(graph):
+        for value in op.results:
+            shape = _shape(value.type)
+            report.max_rank = max(report.max_rank, len(shape))
+            report.largest_dim = max(report.largest_dim, *shape, 0)
+
+
+def _id(value: Any) -> int:
+    return hash(value)
+
+
+def _ids(values: Any) -> set[int]:
+    return {_id(v) for v in values}
