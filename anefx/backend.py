@@ -209,7 +209,7 @@ class AnefxCompiledGraph:
                 f"the graph writes to {names} in place, which a CoreML program cannot do. Make the update out "
                 "of place (`x = x * 2`, not `x.mul_(2)`), move it out of the compiled code, or call model.eval() "
                 "if it is a training-time buffer update.")
-        from anefx.api import compile as anefx_compile
+        from anefx.partition_run import compile_graph_piece, program_output_shapes
 
         program = graph_with_outputs(self.gm, self.plan.program_nodes, inference=True)
         positions = used_tensor_slots(program, self.slots)
@@ -220,16 +220,15 @@ class AnefxCompiledGraph:
         examples = tuple(program_input(args[i].detach()).clone() for i in positions)
         with warnings.catch_warnings():  # torch's own TreeSpec deprecation, raised inside export
             warnings.simplefilter("ignore", FutureWarning)
-            compiled = anefx_compile(piece, examples, **self.options.compile_kwargs())
+            compiled = compile_graph_piece(piece, examples, self.options.compile_kwargs(),  # partitioned when
+                                           describe_graph(self.gm))  # an op does not convert
         if len(compiled.output_names) != len(self.plan.program_nodes):
             raise BackendError(f"the program has {len(compiled.output_names)} outputs for "
                                f"{len(self.plan.program_nodes)} graph outputs.")
         self.compiled[key] = compiled
         torch_part = graph_with_outputs(self.gm, self.plan.torch_nodes, inference=False) \
             if self.plan.torch_nodes else None
-        nodes = {n.name: n for n in compiled.rewritten.graph_module.graph.nodes}
-        shapes = [nodes[name].meta["val"].shape for name in compiled.rewritten.graph_signature.user_outputs]
-        return ProgramCall(_runner(compiled), positions, torch_part, self.plan, shapes)
+        return ProgramCall(_runner(compiled), positions, torch_part, self.plan, program_output_shapes(compiled))
 
     def _failure_message(self, exc: BaseException, reason: str, args: Sequence[Any]) -> str:
         runtime = [a for a, s in zip(args, self.slots, strict=True) if s.kind != "state"]
@@ -256,7 +255,7 @@ def _same_kind(exc: BaseException, message: str) -> AnefxError:
 
 
 def _runner(compiled: Any) -> Callable[..., Any]:
-    if sys.platform == "darwin":
+    if sys.platform == "darwin" or not hasattr(compiled, "rewritten"):  # a PartitionedModel runs its own steps
         return compiled
     _notice_once()
     module = compiled.rewritten.module()

@@ -194,3 +194,16 @@ def region_outputs(segment: Segment) -> list[fx.Node]:
     """Values of a segment read outside it (by later segments or as the program's outputs)."""
     inside = set(segment.nodes)
     return [n for n in segment.nodes if any(u not in inside for u in n.users)]
+
+
+def unconvertible_message(ep: ExportedProgram, limit: int = 8) -> str:
+    """'' or a message naming every node coremltools has no converter for, with what to change."""
+    nodes = unconvertible_nodes(ep)
+    if not nodes:
+        return ""
+    listed = [f"  {describe_node(n)}" for n in nodes[:limit]]
+    if len(nodes) > limit:
+        listed.append(f"  … and {len(nodes) - limit} more")
+    return (f"coremltools cannot lower {len(nodes)} node(s) of the program (no converter for their op):\n"
+            + "\n".join(listed) + "\nCompile with partition=True (`anefx compile --partition`) to run these in torch "
+            "on the CPU and the rest as packages, or rewrite those operations in the model.")

@@ -188,3 +188,37 @@ def compile_with_partition(model: torch.nn.Module, example_args: Any, example_kw
     """anefx.compile(..., partition=True): options checked, then `compile_partitioned`."""
     entries = check_partition_options(partition, cpu_ops)
     return compile_partitioned(model, example_args, example_kwargs, entries, options)
+
+
+def compile_graph_piece(piece: torch.nn.Module, examples: tuple, options: dict[str, Any], where: str) -> Any:
+    """For the torch.compile backend: a CompiledModel when every node converts, else a PartitionedModel (the
+    nodes coremltools cannot lower run in torch), with one notice naming them."""
+    import warnings
+
+    from anefx.api import compile as anefx_compile
+    from anefx.compiled import AnefxNotice
+    from anefx.partition import cpu_reasons
+
+    cap = capture(piece, examples, None)
+    if not cpu_reasons(cap.exported, []):
+        return anefx_compile(piece, examples, **options)
+    compiled = compile_partitioned(piece, examples, None, [], options, captured=cap)
+    ops = ", ".join(sorted({s["op"] for s in compiled.cpu_steps if "coremltools" in s["reason"]}))
+    if (where, ops) not in _PARTITIONS_NOTED:  # once per place and ops, whatever the shapes
+        _PARTITIONS_NOTED.add((where, ops))
+        warnings.warn_explicit(
+            f'torch.compile(backend="anefx"): the graph of {where} runs {ops} in torch on the CPU (coremltools '
+            f"cannot lower them) and the rest as {len(compiled.packages)} CoreML package(s).", AnefxNotice,
+            filename="anefx backend", lineno=0, module="anefx.backend")
+    return compiled
+
+
+_PARTITIONS_NOTED: set[tuple[str, str]] = set()
+
+
+def program_output_shapes(compiled: Any) -> list[torch.Size]:
+    """The shapes of a compiled program's outputs (CoreML returns a 0-d output as (1,))."""
+    if isinstance(compiled, PartitionedModel):
+        return [torch.Size(o["shape"]) for o in compiled.manifest["outputs"]]
+    nodes = {n.name: n for n in compiled.rewritten.graph_module.graph.nodes}
+    return [nodes[name].meta["val"].shape for name in compiled.rewritten.graph_signature.user_outputs]

@@ -209,7 +209,10 @@ def _input_type(ct, name: str, node) -> Any:
 
 def lowering_message(exc: BaseException, ep: ExportedProgram) -> str:
     from anefx.errors import short_reason
+    from anefx.partition import unconvertible_message
 
+    if listed := unconvertible_message(ep):  # every node coremltools has no converter for, not only the first
+        return listed
     first = short_reason(exc)
     unsupported = [n for n in ep.graph_module.graph.nodes
                    if n.op == "call_function" and _op_key(n) in first]
