@@ -164,6 +164,10 @@ def compile_command(
         compute_units: ComputeUnits = "CPU_AND_NE", precision: Precision = "fp16",
         deployment_target: DeploymentTarget = "iOS18", attention: Attention = None,
         rules: Rules = None,
+        partition: Annotated[bool, typer.Option("--partition", help="write a folder: a package per region that "
+                             "converts, the ops that do not (or --cpu-ops) as CPU steps in partition.json")] = False,
+        cpu_ops: Annotated[str | None, typer.Option("--cpu-ops", help="with --partition: comma-separated ops "
+                           "(aten.histc) or module paths (encoder.layer.1) to keep in torch")] = None,
         bucket: Annotated[list[str] | None, typer.Option("--bucket", help="also compile these input shapes, one "
                           "function each in the same package: NAME:SHAPE[,NAME:SHAPE…], e.g. input_ids:1x128 "
                           "(repeatable; dtypes as the example's)")] = None) -> None:
@@ -171,6 +175,12 @@ def compile_command(
     from anefx.files import check_package_target, package_path
     from anefx.report import pass_table
 
+    if partition or cpu_ops is not None:  # a folder of packages and CPU steps (anefx.partition_cli)
+        from anefx.partition_cli import compile_partitioned_command
+
+        return compile_partitioned_command(console, target, example, output, partition=partition, cpu_ops=cpu_ops,
+                                           rules=rules, compute_units=compute_units, precision=precision,
+                                           deployment_target=deployment_target, attention=attention)
     if output is not None:
         check_package_target(package_path(output))  # refuse before a long compile, not after
     with staged(console, "compiling") as progress:
