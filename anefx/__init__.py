@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # what the names below resolve to, for type checkers and edit
     from anefx.diff import GraphDiff, diff
     from anefx.mil import load_mlpackage
     from anefx.package_check import PackageCheck, PrecisionError, PrecisionWarning
+    from anefx.partition_manifest import PartitionError
+    from anefx.partitioned import PartitionedModel, load_partitioned
     from anefx.pipeline import PassRecord
     from anefx.rule import Match, Pattern, Rule
 
@@ -42,6 +44,8 @@ _LAZY = {
     "PackageCheck": "anefx.package_check", "PrecisionError": "anefx.package_check",
     "PrecisionWarning": "anefx.package_check",
     "PassRecord": "anefx.pipeline",
+    "load_partitioned": "anefx.partitioned", "PartitionedModel": "anefx.partitioned",
+    "PartitionError": "anefx.partition_manifest",
     "Match": "anefx.rule", "Pattern": "anefx.rule", "Rule": "anefx.rule",
 }
 
@@ -79,5 +83,6 @@ __all__ = [
     "InvalidModelError", "LoweringError", "Match", "OptionError", "PackageCheck", "PassRecord", "Pattern",
     "PrecisionError", "PrecisionWarning", "Rule", "RuleError", "UnknownRuleError", "compile", "default_rules",
     "StatefulModelError", "compile_llm", "diff", "load_llm", "load_mlpackage",
+    "PartitionError", "PartitionedModel", "load_partitioned",
 ]
 __version__ = "0.1.0"
