@@ -89,6 +89,8 @@ Target = Annotated[str, typer.Argument(
 ComputeUnits = Annotated[str, typer.Option("--compute-units", help="CPU_AND_NE, ALL, CPU_ONLY, CPU_AND_GPU")]
 Precision = Annotated[str, typer.Option("--precision", help="fp16 or fp32")]
 DeploymentTarget = Annotated[str, typer.Option("--target", help="minimum deployment target, e.g. iOS18")]
+FormatOrDeploymentTarget = Annotated[str, typer.Option("--target", help="minimum deployment target of the Core ML "
+                                     "package, e.g. iOS18; or coreai: a Core AI model (.aimodel, iOS/macOS 27)")]
 Rules = Annotated[str | None, typer.Option(
     "--rules", help="comma-separated rule names to run, in this order (default: anefx's rule list)")]
 Attention = Annotated[str | None, typer.Option(
@@ -116,7 +118,7 @@ def staged(console: Console, what: str) -> Iterator[Callable[[str], None]]:
 
 def _compile(target: str, examples: list[str] | None, console: Console, *, compute_units: str,
              precision: str, deployment_target: str, attention: str | None, rules: str | None,
-             progress: Callable[[str], None], buckets: list[str] | None = None):
+             progress: Callable[[str], None], buckets: list[str] | None = None, fmt: str = "coreml"):
     from anefx.api import compile as anefx_compile
     from anefx.backend import BackendOptions, accepts_attention
     from anefx.target import example_inputs, load_target, parse_example
@@ -133,7 +135,7 @@ def _compile(target: str, examples: list[str] | None, console: Console, *, compu
     names = [*inspect.signature(loaded.model.forward).parameters][:len(args)]
     inputs = [*zip(names, args, strict=False), *kwargs.items()]
     console.print(f"[bold]{loaded.description}[/]: " + ", ".join(_describe(k, v) for k, v in inputs))
-    extra = {}
+    extra = {} if fmt == "coreml" else {"target": fmt}  # another format: anefx.lower.target
     if buckets:  # one function per --bucket in one package (anefx.bucket_cli)
         from anefx.bucket_cli import bucket_calls
 
@@ -160,9 +162,9 @@ def _describe(name, value) -> str:
 @friendly_errors
 def compile_command(
         target: Target, example: Examples = None,
-        output: Annotated[Path | None, typer.Option("-o", "--output", help="the .mlpackage to write")] = None,
+        output: Annotated[Path | None, typer.Option("-o", "--output", help="the package to write")] = None,
         compute_units: ComputeUnits = "CPU_AND_NE", precision: Precision = "fp16",
-        deployment_target: DeploymentTarget = "iOS18", attention: Attention = None,
+        deployment_target: FormatOrDeploymentTarget = "iOS18", attention: Attention = None,
         rules: Rules = None,
         partition: Annotated[bool, typer.Option("--partition", help="write a folder: a package per region that "
                              "converts, the ops that do not (or --cpu-ops) as CPU steps in partition.json")] = False,
@@ -171,10 +173,11 @@ def compile_command(
         bucket: Annotated[list[str] | None, typer.Option("--bucket", help="also compile these input shapes, one "
                           "function each in the same package: NAME:SHAPE[,NAME:SHAPE…], e.g. input_ids:1x128 "
                           "(repeatable; dtypes as the example's)")] = None) -> None:
-    """Compile TARGET into a .mlpackage and show what each rule did."""
-    from anefx.files import check_package_target, package_path
+    """Compile TARGET into a .mlpackage (--target coreai: a .aimodel) and show what each rule did."""
+    from anefx.lower.target import check_output, default_output, split_target
     from anefx.report import pass_table
 
+    fmt, deployment_target = split_target(deployment_target)
     if partition or cpu_ops is not None:  # a folder of packages and CPU steps (anefx.partition_cli)
         from anefx.partition_cli import compile_partitioned_command
 
@@ -182,13 +185,13 @@ def compile_command(
                                            rules=rules, compute_units=compute_units, precision=precision,
                                            deployment_target=deployment_target, attention=attention)
     if output is not None:
-        check_package_target(package_path(output))  # refuse before a long compile, not after
+        check_output(fmt, output)  # refuse before a long compile, not after
     with staged(console, "compiling") as progress:
         loaded, compiled = _compile(target, example, console, compute_units=compute_units,
                                     precision=precision, deployment_target=deployment_target,
-                                    attention=attention, rules=rules, progress=progress, buckets=bucket)
+                                    attention=attention, rules=rules, progress=progress, buckets=bucket, fmt=fmt)
         progress("save")
-        path = compiled.save(output or Path(f"{loaded.name}.mlpackage"))
+        path = compiled.save(output or default_output(fmt, loaded.name))
     for note in compiled.notes:
         console.print(f"note: {note}")
     console.print(pass_table(compiled))
@@ -301,14 +304,29 @@ def _llm_report(folder: Path) -> None:
 @app.command("report")
 @friendly_errors
 def report_command(package: Annotated[Path, typer.Argument(
-        help="a saved .mlpackage, or a folder written by compile-llm")]) -> None:
-    """ANE readiness of a saved .mlpackage (ops, ranks, dimension limit, padding, unsupported ops), or the
-    chunks of a compiled LLM folder (bytes, op counts, functions, states, largest dimension)."""
+        help="a saved .mlpackage or .aimodel, or a folder written by compile-llm")],
+        as_json: Annotated[bool, typer.Option("--json", help="print everything as one JSON object")] = False,
+        plan: Annotated[bool, typer.Option("--compute-plan", help="also CoreML's own plan: each op's device, "
+                                           "the Neural Engine's share of the cost (macOS 14.4+)")] = False,
+        compute_units: ComputeUnits = "ALL") -> None:
+    """ANE readiness of a saved .mlpackage (ops, ranks, dimension limit, padding, unsupported ops, constraints), or
+    the chunks of a compiled LLM folder (bytes, op counts, functions, states, largest dimension, constraints)."""
     from anefx.llm.manifest import MANIFEST
+    from anefx.lower.coreai_report import aimodel_report, aimodel_tables, is_aimodel
     from anefx.package_report import package_report, report_tables
+    from anefx.report_cli import llm_constraints, report_extras
 
+    if as_json or (plan and not is_aimodel(package)):  # anefx.report_cli: --json, CoreML's compute plan
+        report_extras(package, as_json=as_json, plan=plan, compute_units=compute_units, console=console)
+        if as_json:
+            return
     if (package / MANIFEST).is_file():
         _llm_report(package)
+        console.print(llm_constraints(package))
+        return
+    if is_aimodel(package):  # a Core AI model: its program read back from the asset
+        for table in aimodel_tables(aimodel_report(package)):
+            console.print(table)
         return
 
     from anefx.bucket_cli import show_functions

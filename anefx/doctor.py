@@ -43,6 +43,7 @@ def checks() -> list[Check]:
         found.append(Check(dist, v or "not installed", v is not None,
                            "" if v else f"install it: pip install {dist}"))
     found.append(_torch_tested_check())
+    found.append(_coreai_check())
     mac = sys.platform == "darwin"
     found.append(Check("platform", f"{platform.system()} {platform.release()} ({platform.machine()})", True,
                        "macOS: compiled models run in CoreML" if mac else
@@ -54,6 +55,18 @@ def checks() -> list[Check]:
                        "optional: only the browser tests of `anefx diff --html` need it "
                        "(apt-get install chromium chromium-driver)"))
     return found
+
+
+def _coreai_check() -> Check:
+    """The Core AI target's converter (optional): anefx.compile(..., target="coreai")."""
+    v = _version("coreai-torch")
+    if v is None:
+        return Check("coreai-torch", "not installed", True, "optional: target='coreai' (a Core AI .aimodel) needs "
+                     "it: pip install 'anefx[coreai]'. The default Core ML target does not.")
+    from anefx.lower.coreai import can_run_coreai
+
+    return Check("coreai-torch", v, True, "target='coreai' converts here; the .aimodel runs "
+                 + ("here in Core AI" if can_run_coreai() else "on macOS / iOS 27 only (not on this OS)"))
 
 
 def _torch_tested_check() -> Check:

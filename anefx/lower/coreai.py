@@ -54,6 +54,11 @@ class CoreAITarget:
     def require(self) -> None:
         require_coreai()
 
+    def check_output(self, path: str | Path) -> Path:
+        from anefx.files import check_folder_target
+
+        return check_folder_target(aimodel_path(path), ASSET_MARKER, "a Core AI model (.aimodel)")
+
     def lower(self, ep: ExportedProgram, *, input_names: list[str], output_names: list[str],
               options: LoweringOptions) -> CoreAIArtifact:
         return CoreAIArtifact(lower_coreai(ep, input_names, output_names), list(input_names), list(output_names))

@@ -172,3 +172,23 @@ def _id(value: Any) -> int:
 
 def _ids(values: Any) -> set[int]:
     return {_id(v) for v in values}
+
+
+def aimodel_tables(report: AimodelReport) -> list[Any]:
+    """Rich tables for `anefx report X.aimodel`: the structure, then the op histogram."""
+    from rich.table import Table
+
+    io = "; ".join(f"{n} {'x'.join(map(str, s))} {d}" for n, (s, d) in {**report.inputs, **report.outputs}.items())
+    softmax = ", ".join(f"{n} × {'x'.join(map(str, s))} over axis {a}" for (s, a), n in report.softmax_shapes.items())
+    structure = Table(title=f"{report.path.name} (Core AI model)", show_header=False)
+    for name, value in (("inputs / outputs", io), ("conv", report.conv), ("linear", 0),
+                        ("matmul (attention)", report.matmul), ("matmul reading a weight", report.weight_matmuls),
+                        ("softmax", softmax or "0"), ("layout ops (transpose, reshape, …)", report.layout_ops),
+                        ("max rank", report.max_rank), ("largest dim", report.largest_dim)):
+        structure.add_row(name, str(value))
+    histogram = Table(title="ops of main (composites by name)")
+    histogram.add_column("op")
+    histogram.add_column("count", justify="right")
+    for op, n in report.ops.most_common():
+        histogram.add_row(op, str(n))
+    return [structure, histogram]

@@ -9,6 +9,8 @@ import io
 import logging
 import warnings
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -253,3 +255,83 @@ def mil_operations(mlmodel: Any) -> list[Any]:
 
 def mil_histogram(mlmodel: Any, include_const: bool = False) -> Counter:
     return Counter(op.op_type for op in mil_operations(mlmodel) if include_const or op.op_type != "const")
+
+
+# -- the Core ML target in the lowering interface (anefx.lower.target) ----------------------------------------
+
+LAYOUT_OPS = ("transpose", "reshape", "expand_dims", "squeeze")
+
+
+@dataclass
+class CoreMLArtifact:
+    """A converted CoreML ML program: saves as a .mlpackage; runs in CoreML on macOS, in anefx's MIL
+    interpreter elsewhere."""
+
+    mlmodel: Any
+    input_names: list[str]
+    output_names: list[str]
+    precision: str = "fp16"
+    suffix: str = ".mlpackage"
+
+    def save(self, path: str | Path) -> Path:
+        from anefx.files import atomic_package_write, package_path
+
+        return atomic_package_write(package_path(path), lambda staged: self.mlmodel.save(str(staged)))
+
+    def report(self) -> dict[str, Any]:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="anefx-") as folder:
+            return mlpackage_figures(self.save(Path(folder) / "model.mlpackage"))
+
+    def can_run(self) -> bool:
+        return True  # CoreML on macOS, the MIL interpreter elsewhere
+
+    def predict(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if _can_run_coreml():
+            result = self.mlmodel.predict(feed)
+            return {name: np.asarray(result[name]) for name in self.output_names}
+        import tempfile
+
+        from anefx.mil import load_mlpackage
+
+        with tempfile.TemporaryDirectory(prefix="anefx-") as folder:
+            return load_mlpackage(self.save(Path(folder) / "model.mlpackage"), precision=self.precision)(**feed)
+
+
+@dataclass
+class CoreMLTarget:
+    name: str = "coreml"
+    suffix: str = ".mlpackage"
+
+    def require(self) -> None:
+        """coremltools is a dependency of anefx: always there."""
+
+    def check_output(self, path: str | Path) -> Path:
+        from anefx.files import check_package_target, package_path
+
+        return check_package_target(package_path(path))
+
+    def lower(self, ep: ExportedProgram, *, input_names: list[str], output_names: list[str], options: Any) -> Any:
+        mlmodel = lower(ep, input_names=input_names, output_names=output_names, compute_units=options.compute_units,
+                        deployment_target=options.deployment_target, precision=options.precision)
+        return CoreMLArtifact(mlmodel, list(input_names), list(output_names), options.precision)
+
+
+TARGET = CoreMLTarget()
+
+
+def mlpackage_figures(path: str | Path) -> dict[str, Any]:
+    """A saved .mlpackage's op histogram (MIL op types, consts left out) and structural figures, the same keys
+    as a .aimodel's (anefx.lower.coreai_report)."""
+    from anefx.package_report import package_report
+
+    report = package_report(path)
+    ops = report.histogram
+    softmax = Counter((t.shape, None) for t in report.tensors if t.op == "softmax")
+    return {"format": "mlpackage", "path": str(path), "ops": dict(ops.most_common()),
+            "conv": ops["conv"], "linear": ops["linear"], "matmul": ops["matmul"] + ops["einsum"],  # per-head einsums
+            "softmax": ops["softmax"],
+            "softmax_shapes": [{"shape": list(s), "count": n} for (s, _), n in softmax.items()],
+            "layout_ops": sum(ops[t] for t in LAYOUT_OPS), "max_rank": max(report.ranks, default=0),
+            "largest_dim": max((max(t.shape) for t in report.tensors if t.shape), default=0)}

@@ -61,6 +61,9 @@ class LoweringTarget(Protocol):
     def require(self) -> None:
         """Raise TargetUnavailableError (with the install command) when the converter is missing."""
 
+    def check_output(self, path: str | Path) -> Path:
+        """The path save() writes for `path` (suffix added), or FileWriteError when something else is there."""
+
     def lower(self, ep: ExportedProgram, *, input_names: list[str], output_names: list[str],
               options: LoweringOptions) -> Artifact: ...
 
@@ -118,3 +121,18 @@ def _refuse_options(target: str, options: dict[str, Any]) -> None:
         raise OptionError(f"target={target!r} compiles one program for the example's shapes; "
                           f"{', '.join(f'{n}=' for n in given)} work with target='coreml' only. Drop "
                           f"{'them' if len(given) > 1 else 'it'}, or compile for Core ML.")
+
+
+def split_target(value: str) -> tuple[str, str]:
+    """The CLI's --target: a format name (coreml, coreai) or a Core ML deployment target (iOS18, …) →
+    (format, deployment target)."""
+    return (value, "iOS18") if value in FORMATS else (DEFAULT_FORMAT, value)
+
+
+def default_output(fmt: str, name: str) -> Path:
+    return Path(f"{name}{importlib.import_module(FORMATS[fmt]).TARGET.suffix}")
+
+
+def check_output(fmt: str, output: str | Path) -> Path:
+    """The path the format writes for `output`, or FileWriteError when something else is in its place."""
+    return importlib.import_module(FORMATS[fmt]).TARGET.check_output(output)
