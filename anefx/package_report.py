@@ -1,5 +1,7 @@
 """ANE readiness of a saved .mlpackage: op histogram, tensor ranks, the largest dimension against the
-ANE's 16384 limit, bytes lost to last-axis 64-byte padding, and ops the ANE is known not to run.
+ANE's 16384 limit, bytes lost to last-axis 64-byte padding, ops the ANE is known not to run, and each
+program checked against the per-program limits anefx knows (`constraints`). `report_json` gives all of it
+as one JSON-ready dict (a package, or every chunk of a compiled LLM folder).
 
 Read from the package on disk (what a device loads). The table of ops the ANE cannot run is documented
 with its sources in docs/cli.md: the ANE compiler is private, so it is public knowledge, not a promise.
@@ -9,7 +11,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,10 @@ from anefx.mlpackage import PackageError, load_spec
 ANE_MAX_DIM = 16384  # every tensor dimension ≤ 16384 on the ANE (Apple, Deploying Transformers on the ANE)
 ANE_MAX_RANK = 4  # no rank-5 tensors on the ANE
 ANE_ROW_BYTES = 64  # the ANE pads the last axis of a tensor to 64 bytes
+MAX_PROGRAM_OPS = 10_000  # devices fail to compile programs past ~18k MIL ops; anefx chunks LLMs at 10k
+MAX_WEIGHT_BYTES = 1_000_000_000  # iOS refuses model files past ~1 GB
+STATE_ALIGN = 32  # CoreML states whose last dimension is not a multiple of 32 fail on the Neural Engine
+LAYOUT_OPS = ("transpose", "reshape")  # what anefx counts as layout ops in a saved program (anefx.mil.summary)
 ELEMENT_BYTES = {"FLOAT16": 2, "BFLOAT16": 2, "FLOAT32": 4, "FLOAT64": 8, "INT8": 1, "UINT8": 1,
                  "INT16": 2, "UINT16": 2, "INT32": 4, "UINT32": 4, "INT64": 8, "UINT64": 8, "BOOL": 1}
 
@@ -104,6 +111,13 @@ class PackageReport:
     tensors: list[Tensor]
     unsupported: dict[str, tuple[int, str]] = field(default_factory=dict)  # op → (count, reason)
     weight_files: list[WeightFile] = field(default_factory=list)  # each checked: present, every blob in it
+    function: str = "main"  # the function reported
+    functions: list[str] = field(default_factory=list)  # every function of the program
+    states: list[Tensor] = field(default_factory=list)  # the function's state inputs (op "state")
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(w.size for w in self.weight_files)
 
     @property
     def ranks(self) -> Counter:
@@ -134,7 +148,8 @@ class PackageReport:
         return sorted(self.tensors, key=lambda t: -t.wasted_bytes)[:n]
 
 
-def package_report(path: str | Path, function: str = "main") -> PackageReport:
+def package_report(path: str | Path, function: str | None = None) -> PackageReport:
+    """The report of one function of the package: `function`, else the package's default function."""
     from anefx.lower import _quiet_coremltools
 
     _quiet_coremltools()  # coremltools' import-time messages are explained by `anefx doctor`
@@ -143,8 +158,14 @@ def package_report(path: str | Path, function: str = "main") -> PackageReport:
     if spec.WhichOneof("Type") != "mlProgram":
         raise PackageError(f"{path} holds a {spec.WhichOneof('Type')}, not an ML program; "
                            "anefx report reads ML programs (.mlpackage).")
+    functions = list(spec.mlProgram.functions)
+    function = function or spec.description.defaultFunctionName or ("main" if "main" in functions else functions[0])
+    if function not in functions:
+        raise PackageError(f"{path} has no function {function!r}; its functions: {', '.join(functions)}.")
     func = spec.mlProgram.functions[function]
     tensors = [Tensor(i.name, "input", *_type(i.type)) for i in func.inputs]
+    states = [Tensor(i.name, "state", *_type(i.type.stateType.wrappedType)) for i in func.inputs
+              if i.type.WhichOneof("type") == "stateType"]
     histogram: Counter = Counter()
     for op in _operations(func.block_specializations[func.opset]):
         if op.type == "const":
@@ -153,7 +174,8 @@ def package_report(path: str | Path, function: str = "main") -> PackageReport:
         tensors += [Tensor(o.name, op.type, *_type(o.type)) for o in op.outputs]
     unsupported = {op: (histogram[op], why) for op, why in ANE_UNSUPPORTED.items() if histogram[op]}
     weights = check_weight_files(path, func.block_specializations[func.opset])
-    return PackageReport(path, histogram, [t for t in tensors if t.dtype], unsupported, weights)
+    return PackageReport(path, histogram, [t for t in tensors if t.dtype], unsupported, weights, function,
+                         functions, states)
 
 
 def check_weight_files(path: Path, block: Any) -> list[WeightFile]:
@@ -252,4 +274,118 @@ def report_tables(report: PackageReport) -> list[Any]:
                            f"{human_bytes(t.wasted_bytes)} wasted")
     files = ", ".join(f"{w.path.name} ({human_bytes(w.size)}, {w.blobs} blobs)" for w in report.weight_files)
     weights = f"weights: {files} — every blob the program reads is present" if files else "weights: none"
-    return [ops, shapes, weights]
+    return [ops, shapes, weights, constraints_table(constraints(report))]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A per-program limit the package breaks: the op (or program part), the check, and what to change."""
+
+    op: str
+    check: str
+    detail: str
+
+
+def constraints(report: PackageReport, *, max_ops: int = MAX_PROGRAM_OPS,
+                max_weight_bytes: int = MAX_WEIGHT_BYTES) -> list[Constraint]:
+    """Every per-program limit anefx knows that the reported function breaks (empty: none)."""
+    found = []
+    ops = sum(report.histogram.values())
+    if ops > max_ops:
+        found.append(Constraint("program", f"op count ≤ {max_ops}", f"{ops} MIL ops: devices fail to compile "
+                                "programs this large; split the model (compile_llm chunks it: max_chunk_ops)"))
+    if report.weight_bytes > max_weight_bytes:
+        found.append(Constraint("weights", f"weights ≤ {human_bytes(max_weight_bytes)}",
+                                f"{human_bytes(report.weight_bytes)} of weights: iOS refuses model files this "
+                                "large; quantize or split the model (compile_llm: max_chunk_bytes)"))
+    for state in report.states:
+        if state.shape and state.shape[-1] % STATE_ALIGN:
+            found.append(Constraint(f"state {state.name}", f"state last dimension a multiple of {STATE_ALIGN}",
+                                    f"shape {list(state.shape)}: the Neural Engine fails on this state; pad its "
+                                    f"last dimension to {-(-state.shape[-1] // STATE_ALIGN) * STATE_ALIGN}"))
+    for tensor in report.over_limit:
+        found.append(Constraint(f"{tensor.op} {tensor.name}", f"every dimension ≤ {ANE_MAX_DIM}",
+                                f"shape {list(tensor.shape)}: the Neural Engine holds at most {ANE_MAX_DIM} per "
+                                "dimension; split that axis (anefx splits wide projections and embeddings)"))
+    return found
+
+
+def constraints_table(found: list[Constraint]) -> Any:
+    """A rich table of the constraints, or a one-line all-clear."""
+    from rich.table import Table
+
+    if not found:
+        return (f"[green]constraints: none broken[/] (ops ≤ {MAX_PROGRAM_OPS}, weights ≤ "
+                f"{human_bytes(MAX_WEIGHT_BYTES)}, states' last dimension a multiple of {STATE_ALIGN}, every "
+                f"dimension ≤ {ANE_MAX_DIM})")
+    table = Table(title=f"constraints broken: {len(found)}")
+    for column in ("op", "check", "detail"):
+        table.add_column(column)
+    for c in found:
+        table.add_row(c.op, f"[red]{c.check}[/]", c.detail)
+    return table
+
+
+def report_json(path: str | Path) -> dict[str, Any]:
+    """Everything `anefx report` shows, as one JSON-ready dict: a .mlpackage (every function, the default one's
+    figures at the top level), or a compiled LLM folder (per chunk). Other formats extend this function."""
+    from anefx.llm.manifest import MANIFEST
+
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return _llm_json(path)
+    default, programs = _programs(path)
+    several = len(programs) > 1
+    return {"kind": "mlpackage", "path": str(path), "function": default, "functions": list(programs),
+            **programs[default], "constraints": _tagged(programs, lambda name: f"{name}: " if several else ""),
+            "programs": programs if several else {}}
+
+
+def _programs(path: Path) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(default function, {function: its figures}) of a package."""
+    report = package_report(path)
+    reports = [report] + [package_report(path, f) for f in report.functions if f != report.function]
+    return report.function, {r.function: program_json(r) for r in reports}
+
+
+def _tagged(programs: dict[str, dict[str, Any]], prefix: Callable[[str], str]) -> list[dict[str, str]]:
+    """Every program's constraints, each op prefixed with where it is."""
+    return [c | {"op": prefix(name) + c["op"]} for name, figures in programs.items() for c in figures["constraints"]]
+
+
+def program_json(report: PackageReport) -> dict[str, Any]:
+    """The figures of one function: ops, ranks, largest dimension, layout ops, padding, weights, states,
+    ops the ANE does not run, constraints."""
+    largest = report.largest
+    return {
+        "ops": dict(sorted(report.histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "op_count": sum(report.histogram.values()),
+        "ranks": {str(r): n for r, n in sorted(report.ranks.items())},
+        "largest_dim": {"size": max(largest.shape), "op": largest.op, "name": largest.name,
+                        "shape": list(largest.shape)} if largest else None,
+        "over_limit": len(report.over_limit), "dynamic": len(report.dynamic),
+        "layout_ops": {op: report.histogram[op] for op in LAYOUT_OPS},
+        "padding": {"wasted_bytes": report.wasted_bytes, "total_bytes": report.total_bytes + report.wasted_bytes},
+        "weights": {"bytes": report.weight_bytes,
+                    "files": [{"file": w.path.name, "bytes": w.size, "blobs": w.blobs} for w in report.weight_files]},
+        "states": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype.lower()} for s in report.states],
+        "unsupported": {op: {"count": n, "reason": why} for op, (n, why) in report.unsupported.items()},
+        "constraints": [asdict(c) for c in constraints(report)],
+    }
+
+
+def _llm_json(folder: Path) -> dict[str, Any]:
+    from anefx.llm.manifest import LLMManifest
+
+    manifest = LLMManifest.read(folder)
+    chunks = []
+    for chunk in manifest.chunks:
+        default, programs = _programs(folder / chunk.file)
+        chunks.append({"file": chunk.file, "layers": chunk.layers, "bytes": chunk.bytes,
+                       "largest_dim": chunk.largest_dim, "function": default, "functions": list(programs),
+                       "states": programs[default]["states"], "programs": programs,
+                       "constraints": _tagged(programs, lambda name, file=chunk.file: f"{file} {name}: ")})
+    return {"kind": "llm", "path": str(folder), "model": manifest.model, "context_length": manifest.context_length,
+            "cache_length": manifest.cache_length, "prefill_length": manifest.prefill_length,
+            "output": manifest.output, "precision": manifest.precision, "chunks": chunks,
+            "constraints": [c for chunk in chunks for c in chunk["constraints"]]}
