@@ -53,6 +53,7 @@ class LLMOptions:
     precision: str = "fp16"
     deployment_target: str = "iOS18"
     compute_units: str = "CPU_AND_NE"
+    quantize: Any = None  # anefx.quantize: None, a mode, a per-part dict or a QuantizeConfig
 
     @property
     def cache_length(self) -> int:
@@ -61,8 +62,10 @@ class LLMOptions:
 
 def check_llm_options(options: LLMOptions) -> None:
     from anefx.lower import check_options
+    from anefx.quantize_apply import check_quantize
 
     check_options(options.compute_units, options.deployment_target, options.precision, "split_heads")
+    check_quantize(options.quantize, options.deployment_target)
     for name in ("context_length", "prefill_length", "max_chunk_bytes", "max_chunk_ops"):
         value = getattr(options, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -113,13 +116,14 @@ def compile_llm(model: torch.nn.Module, context_length: int = 256, prefill_lengt
                 max_chunk_ops: int = DEFAULT_CHUNK_OPS, rules: Sequence[Rule | str] | None = None,
                 verify: bool = True, precision: str = "fp16", deployment_target: str = "iOS18",
                 compute_units: str = "CPU_AND_NE", package_check: str = "warn",
-                progress: Progress = None) -> CompiledLLM:
+                progress: Progress = None, quantize: Any = None) -> CompiledLLM:
     """Compile an HF causal LM into stateful CoreML chunks. See docs/llm.md."""
     from anefx.api import resolve_rules
     from anefx.package_check import CHECKS, report
+    from anefx.quantize_apply import quantized_check
 
     options = LLMOptions(context_length, prefill_length, argmax_in_model, max_chunk_bytes, max_chunk_ops,
-                         precision, deployment_target, compute_units)
+                         precision, deployment_target, compute_units, quantize)
     check_llm_options(options)
     if package_check not in CHECKS:
         raise OptionError(f"package_check={package_check!r} is not one of {', '.join(CHECKS)}.")
@@ -144,7 +148,7 @@ def compile_llm(model: torch.nn.Module, context_length: int = 256, prefill_lengt
         (folder / MANIFEST).write_text(lm.manifest.to_json(), encoding="utf-8")
         if package_check != "skip":
             say(f"check the chunks ({precision}, MIL interpreter)")
-            lm.package_check = check_llm(lm, model)
+            lm.package_check = quantized_check(check_llm(lm, model), quantize)
     if lm.package_check is not None:
         report(lm.package_check, package_check)
     return lm
@@ -263,11 +267,13 @@ def _lower_chunks(rewritten: dict[str, ExportedProgram], options: LLMOptions, fo
 def _lower_one(ep: ExportedProgram, options: LLMOptions, path: Path, inputs: list[str] | None = None,
                outputs: list[str] | None = None) -> Path:
     from anefx.lower import lower
+    from anefx.quantize_apply import quantize_lowered
 
     inputs = inputs or list(ep.graph_signature.user_inputs)
     outputs = outputs or ["logits"]
     mlmodel = lower(ep, input_names=inputs, output_names=outputs, compute_units=options.compute_units,
                     deployment_target=options.deployment_target, precision=options.precision, load=False)
+    mlmodel = quantize_lowered(mlmodel, options.quantize, options.deployment_target)  # before the merge: shared
     mlmodel.save(str(path))
     return path
 
