@@ -30,8 +30,10 @@ def quantize_mlmodel(mlmodel: Any, config: QuantizeConfig) -> tuple[Any, Quantiz
     _quiet_coremltools()
     from coremltools.optimize.coreml import OptimizationConfig, linear_quantize_weights, palettize_weights
 
-    plan = plan_weights(_program(mlmodel), config)
-    shapes = _weight_shapes(mlmodel)
+    program = _program(mlmodel)
+    plan = plan_weights(program, config)
+    shapes = {op.name: tuple(op.outputs[0].shape) for op in program.functions["main"].operations
+              if op.op_type == "const"}
     int8 = {n: _int8_config() for n, (_, m) in plan.weights.items() if m == "int8"}
     luts = {n: _lut_config(m, config.group_size, shapes[n]) for n, (_, m) in plan.weights.items()
             if m.startswith("lut")}
@@ -51,11 +53,6 @@ def _program(mlmodel: Any) -> Any:
     spec = mlmodel.get_spec()
     return load(model_spec=spec, specification_version=spec.specificationVersion,
                 file_weights_dir=mlmodel.weights_dir)
-
-
-def _weight_shapes(mlmodel: Any) -> dict[str, tuple[int, ...]]:
-    block = _program(mlmodel).functions["main"]
-    return {op.name: tuple(op.outputs[0].shape) for op in block.operations if op.op_type == "const"}
 
 
 def _int8_config() -> Any:
