@@ -401,6 +401,22 @@ def _verdict_table(verdict, title: str):
     return table
 
 
+@app.command("quantize-report")
+@friendly_errors
+def quantize_report_command(
+        target: Target, example: Examples = None,
+        plot: Annotated[Path | None, typer.Option("--plot", help="also write a PNG of size against fidelity")] = None,
+        modes: Annotated[str | None, typer.Option("--modes", help="comma-separated rungs, e.g. int8,lut6,lut4 "
+                         "(default fp16,int8,lut6,lut4; fp16 is always measured first)")] = None,
+        group_size: Annotated[int, typer.Option("--group-size", help="output channels per lookup table "
+                              "(lut modes)")] = 16,
+        deployment_target: DeploymentTarget = "iOS18") -> None:
+    """Package bytes and fidelity of TARGET at fp16, int8, lut6 and lut4 (PSNR; causal LMs: top-1, perplexity)."""
+    from anefx.quantize_cli import quantize_report_command as run
+
+    run(console, staged, target, example, plot, modes, group_size, deployment_target)
+
+
 @app.command("doctor")
 @friendly_errors
 def doctor_command() -> None:

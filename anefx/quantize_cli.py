@@ -1,0 +1,44 @@
+"""The command line's side of the quantization ladder: `anefx quantize-report MODEL [--plot out.png]`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from anefx.errors import OptionError
+from anefx.quantize import LADDER
+
+
+def quantize_report_command(console: Any, staged: Callable, target: str, examples: list[str] | None,
+                            plot: Path | None, modes: str | None, group_size: int, deployment_target: str) -> None:
+    """Load TARGET like `anefx compile`, measure the ladder, print the table (and write the plot)."""
+    from anefx.quantize_report import quantize_report
+    from anefx.target import example_inputs, load_target, parse_example
+
+    chosen = _modes(modes)
+    if plot is not None:
+        from anefx.files import check_file_target
+
+        check_file_target(plot)  # refuse before the long measurement, not after
+    specs = [parse_example(e) for e in examples or []]
+    with staged(console, "quantization ladder") as progress:
+        progress("load")
+        loaded = load_target(target)
+        args, kwargs = example_inputs(loaded, specs)
+        report = quantize_report(loaded.model, args, kwargs, modes=chosen, group_size=group_size,
+                                 deployment_target=deployment_target, progress=progress)
+    console.print(report.table(f"quantization ladder — {loaded.description}"))
+    for note in report.notes:
+        console.print(f"note: {note}")
+    if plot is not None:
+        console.print(f"wrote [bold]{report.plot(plot)}[/]")
+
+
+def _modes(text: str | None) -> list[str]:
+    if text is None:
+        return list(LADDER)
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    if not modes:
+        raise OptionError(f"--modes {text!r} names no mode; pass e.g. --modes int8,lut6,lut4.")
+    return modes
