@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # what the names below resolve to, for type checkers and edit
     from anefx.partition_manifest import PartitionError
     from anefx.partitioned import PartitionedModel, load_partitioned
     from anefx.pipeline import PassRecord
+    from anefx.quantize import QuantizeConfig
+    from anefx.quantize_report import QuantizeReport, quantize_report
     from anefx.rule import Match, Pattern, Rule
 
 _LAZY = {
@@ -44,6 +46,8 @@ _LAZY = {
     "PackageCheck": "anefx.package_check", "PrecisionError": "anefx.package_check",
     "PrecisionWarning": "anefx.package_check",
     "PassRecord": "anefx.pipeline",
+    "QuantizeConfig": "anefx.quantize", "quantize_report": "anefx.quantize_report",
+    "QuantizeReport": "anefx.quantize_report",
     "load_partitioned": "anefx.partitioned", "PartitionedModel": "anefx.partitioned",
     "PartitionError": "anefx.partition_manifest",
     "Match": "anefx.rule", "Pattern": "anefx.rule", "Rule": "anefx.rule",
@@ -84,5 +88,6 @@ __all__ = [
     "PrecisionError", "PrecisionWarning", "Rule", "RuleError", "UnknownRuleError", "compile", "default_rules",
     "StatefulModelError", "compile_llm", "diff", "load_llm", "load_mlpackage",
     "PartitionError", "PartitionedModel", "load_partitioned",
+    "QuantizeConfig", "QuantizeReport", "quantize_report",
 ]
 __version__ = "0.1.0"
