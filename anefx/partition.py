@@ -101,8 +101,10 @@ def named_by(node: fx.Node, entry: str) -> bool:
     return path == entry or path.startswith(entry + ".")
 
 
-def cpu_reasons(ep: ExportedProgram, cpu_ops: Sequence[str]) -> dict[str, str]:
-    """Node name -> why it stays in torch, for every node that must (before small regions are folded)."""
+def cpu_reasons(ep: ExportedProgram, cpu_ops: Sequence[str], rules_rewrite: frozenset[str] = frozenset()
+                ) -> dict[str, str]:
+    """Node name -> why it stays in torch, for every node that must (before small regions are folded). Ops in
+    `rules_rewrite` have no converter but anefx's rules rewrite them into ops that have one (e.g. rfft)."""
     nodes = [n for n in ep.graph_module.graph.nodes if n.op == "call_function"]
     unused = [e for e in cpu_ops if not any(named_by(n, e) for n in nodes)]
     if unused:
@@ -114,7 +116,7 @@ def cpu_reasons(ep: ExportedProgram, cpu_ops: Sequence[str]) -> dict[str, str]:
             reasons[node.name] = f"named in cpu_ops ({entry!r})"
         elif node.target is operator.getitem and node.args[0].name in reasons:
             reasons[node.name] = f"unpacks the result of {node.args[0].name}, which runs on the CPU"
-        elif converter_missing(node):
+        elif op_name(node) not in rules_rewrite and converter_missing(node):
             reasons[node.name] = f"coremltools has no converter for {op_name(node)}"
     return reasons
 
@@ -127,10 +129,10 @@ def _unused_entries_message(unused: list[str], nodes: list[fx.Node]) -> str:
             f"(modules here: {', '.join(paths[:8])}{' …' if len(paths) > 8 else ''}).")
 
 
-def plan_partition(ep: ExportedProgram, cpu_ops: Sequence[str] = (),
-                   extra_reasons: dict[str, str] | None = None) -> PartitionPlan:
+def plan_partition(ep: ExportedProgram, cpu_ops: Sequence[str] = (), extra_reasons: dict[str, str] | None = None,
+                   rules_rewrite: frozenset[str] = frozenset()) -> PartitionPlan:
     """Segments in an order that respects every dependency, CPU nodes as decided, small regions folded."""
-    reasons = {**cpu_reasons(ep, cpu_ops), **(extra_reasons or {})}
+    reasons = {**cpu_reasons(ep, cpu_ops, rules_rewrite), **(extra_reasons or {})}
     folded: list[str] = []
     while True:
         segments = schedule(ep, set(reasons))

@@ -49,26 +49,53 @@ def check_partition_options(partition: Any, cpu_ops: Any) -> list[str]:
 def compile_partitioned(model: torch.nn.Module, example_args: Any, example_kwargs: dict | None,
                         cpu_ops: list[str], options: dict[str, Any], captured: Captured | None = None
                         ) -> PartitionedModel:
-    """Capture, plan, compile each package region with anefx.compile(**options), describe the steps."""
+    """Capture, plan, compile each package region with anefx.compile(**options), describe the steps. A region
+    coremltools still cannot lower is planned again with the ops its LoweringError names on the CPU side."""
     cap = captured or capture(model, example_args, example_kwargs)
-    values = record_values(cap)
+    rewritten_by_rules = ops_rules_rewrite(cap, options)
+    specs = {n.name: n.meta.get("val") for n in cap.exported.graph_module.graph.nodes}
     extra: dict[str, str] = {}
-    for _attempt in range(len(values) + 1):
-        plan = plan_partition(cap.exported, cpu_ops, extra)
+    for _attempt in range(len(specs) + 1):
+        plan = plan_partition(cap.exported, cpu_ops, extra, rewritten_by_rules)
+        weights = set(weight_names(cap.exported))
+        values = record_values(cap, {n.name for s in plan.packages for n in region_inputs(s, weights)})
         try:
             packages = [compile_region(cap.exported, s, values, options) for s in plan.packages]
         except LoweringError as exc:
             named = _nodes_named_by(exc, plan)
             if not named:
                 raise
-            extra.update({n.name: f"coremltools failed to lower it ({str(exc).splitlines()[0][:160]})" for n in named})
+            reason = f"coremltools failed to lower it ({str(exc).splitlines()[0][:160]})"
+            extra.update(dict.fromkeys((n.name for n in named), reason))
             continue
-        return _partitioned(cap, plan, packages, values, options)
+        return _partitioned(cap, plan, packages, specs, options)
     raise AssertionError("unreachable: every retry moves at least one node to the CPU side")
 
 
-def record_values(cap: Captured) -> dict[str, Any]:
-    """Every node's value (weights, inputs, intermediate results) on the example, by node name."""
+def ops_rules_rewrite(cap: Captured, options: dict[str, Any]) -> frozenset[str]:
+    """Ops without a converter that the compile's rules rewrite away on the whole program (e.g. rfft into a DFT
+    as a linear): those stay in the packages. Found by running the rules unverified (each region verifies its own);
+    nothing runs when every op has a converter."""
+    from anefx.api import resolve_rules
+    from anefx.partition import unconvertible_nodes
+    from anefx.pipeline import run_pipeline
+
+    missing = {op_name(n) for n in unconvertible_nodes(cap.exported)}
+    if not missing:
+        return frozenset()
+    rules = resolve_rules(options.get("rules"), options.get("compute_units", "CPU_AND_NE"),
+                          options.get("attention", "split_heads"))
+    try:
+        rewritten, _, _ = run_pipeline(cap.exported, rules, (cap.args, cap.kwargs), verify=False, never_worse=False,
+                                       progress=lambda _stage: None)
+    except Exception as exc:  # noqa: BLE001 - a rule that fails here fails in its region too, with its message
+        log.info("anefx: rules on the whole program failed (%s); every op without a converter runs on the CPU", exc)
+        return frozenset()
+    return frozenset(missing - {op_name(n) for n in unconvertible_nodes(rewritten)})
+
+
+def record_values(cap: Captured, keep: set[str]) -> dict[str, Any]:
+    """The values of the nodes named in `keep` (inputs of package regions) on the example, by node name."""
     ep = cap.exported
     users = iter(t for t in pytree.tree_leaves((cap.args, cap.kwargs)) if isinstance(t, torch.Tensor))
     flat = [_weight(ep, s) if s.kind in _WEIGHT_KINDS else next(users) for s in ep.graph_signature.input_specs]
@@ -76,8 +103,10 @@ def record_values(cap: Captured) -> dict[str, Any]:
 
     class Recorder(fx.Interpreter):
         def run_node(self, node: fx.Node) -> Any:
-            values[node.name] = super().run_node(node)
-            return values[node.name]
+            result = super().run_node(node)
+            if node.name in keep:
+                values[node.name] = result
+            return result
 
     with torch.no_grad():
         Recorder(ep.graph_module).run(*flat)
@@ -99,9 +128,10 @@ def region_module(ep: ExportedProgram, segment: Segment) -> tuple[fx.GraphModule
     weights = weight_names(ep)
     inputs, outputs = region_inputs(segment, set(weights)), region_outputs(segment)
     root, graph, env = torch.nn.Module(), fx.Graph(), {}
-    for node in inputs:
+    for node in inputs:  # a 0-d value comes in as shape (1,): CoreML takes no rank-0 inputs
         env[node] = graph.placeholder(node.name)
-        env[node].meta = dict(node.meta)
+        if _is_scalar(node):
+            env[node] = graph.call_function(torch.ops.aten.reshape.default, (env[node], []))
     for node in segment.nodes:
         for arg in node.all_input_nodes:
             if arg.name in weights and arg not in env:
@@ -123,16 +153,22 @@ def compile_region(ep: ExportedProgram, segment: Segment, values: dict[str, Any]
     from anefx.api import compile as anefx_compile
 
     module, inputs, _outputs = region_module(ep, segment)
-    examples = tuple(values[n.name] for n in inputs)
+    examples = tuple(values[n.name].reshape(1) if _is_scalar(n) else values[n.name] for n in inputs)
     return anefx_compile(module, examples, **options)
 
 
 def _nodes_named_by(exc: LoweringError, plan: PartitionPlan) -> list[fx.Node]:
-    """The package nodes whose op coremltools' error names (its message quotes the op's short name)."""
+    """The package nodes whose op the region's LoweringError names: as anefx lists ops without a converter
+    ('aten.histc.default (histc, …)'), or as coremltools quotes an op's short name ('histc')."""
     text = str(exc)
-    nodes = [n for s in plan.packages for n in s.nodes]
-    return [n for n in nodes if f"node {n.name} " in text or (hasattr(n.target, "_opname") and any(
-        f"{quote}{n.target._opname}{end}" in text for quote, end in (("'", "'"), ("kind ", "\n"), ("kind ", ","))))]
+    short = {"'{}'", "kind {}\n", "kind {},", "op {} "}
+    return [n for s in plan.packages for n in s.nodes if hasattr(n.target, "_opname") and (
+        f"{op_name(n)} (" in text or any(form.format(n.target._opname) in text for form in short))]
+
+
+def _is_scalar(node: fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dim() == 0
 
 
 def _partitioned(cap: Captured, plan: PartitionPlan, packages: list, values: dict[str, Any],
@@ -166,7 +202,7 @@ def package_step(ep: ExportedProgram, segment: Segment, compiled: Any, values: d
     paths = [p for p in (module_path(n) for n in segment.nodes) if p]
     return {
         "kind": "package", "package": f"package_{number}.mlpackage",
-        "inputs": [{**tensor_spec(name, values[n.name]), "value": n.name}
+        "inputs": [{**tensor_spec(name, values[n.name]), "value": n.name, **({"shape": [1]} if _is_scalar(n) else {})}
                    for name, n in zip(compiled.input_names, inputs, strict=True)],
         "outputs": [{**tensor_spec(name, values[n.name]), "value": n.name}
                     for name, n in zip(compiled.output_names, outputs, strict=True)],
@@ -191,17 +227,21 @@ def compile_with_partition(model: torch.nn.Module, example_args: Any, example_kw
 
 
 def compile_graph_piece(piece: torch.nn.Module, examples: tuple, options: dict[str, Any], where: str) -> Any:
-    """For the torch.compile backend: a CompiledModel when every node converts, else a PartitionedModel (the
-    nodes coremltools cannot lower run in torch), with one notice naming them."""
+    """For the torch.compile backend: a CompiledModel, or when the program has nodes coremltools cannot lower, a
+    PartitionedModel (those nodes run in torch), with one notice naming them."""
     import warnings
 
     from anefx.api import compile as anefx_compile
     from anefx.compiled import AnefxNotice
-    from anefx.partition import cpu_reasons
+    from anefx.partition import unconvertible_nodes
 
-    cap = capture(piece, examples, None)
-    if not cpu_reasons(cap.exported, []):
+    try:
         return anefx_compile(piece, examples, **options)
+    except LoweringError as exc:
+        cap = capture(piece, examples, None)
+        if not unconvertible_nodes(cap.exported):
+            raise
+        log.info("anefx: %s; partitioning", str(exc).splitlines()[0])
     compiled = compile_partitioned(piece, examples, None, [], options, captured=cap)
     ops = ", ".join(sorted({s["op"] for s in compiled.cpu_steps if "coremltools" in s["reason"]}))
     if (where, ops) not in _PARTITIONS_NOTED:  # once per place and ops, whatever the shapes

@@ -41,7 +41,7 @@ class PartitionSteps:
             if step["kind"] == "cpu":
                 run_cpu_step(step, values)
                 continue
-            result = next(runners)([values[i["value"]] for i in step["inputs"]])
+            result = next(runners)([values[i["value"]].reshape(i["shape"]) for i in step["inputs"]])
             for out in step["outputs"]:
                 values[out["value"]] = _as_tensor(result[out["name"]], out)
         return [values[out["value"]] for out in self.manifest["outputs"]]
