@@ -295,8 +295,8 @@ def constraints(report: PackageReport, *, max_ops: int = MAX_PROGRAM_OPS,
         found.append(Constraint("program", f"op count ≤ {max_ops}", f"{ops} MIL ops: devices fail to compile "
                                 "programs this large; split the model (compile_llm chunks it: max_chunk_ops)"))
     if report.weight_bytes > max_weight_bytes:
-        found.append(Constraint("weights", f"weights ≤ {human_bytes(max_weight_bytes)}",
-                                f"{human_bytes(report.weight_bytes)} of weights: iOS refuses model files this "
+        found.append(Constraint("weights", f"weights ≤ {max_weight_bytes / 1e9:g} GB",
+                                f"{report.weight_bytes / 1e9:.3g} GB of weights: iOS refuses model files this "
                                 "large; quantize or split the model (compile_llm: max_chunk_bytes)"))
     for state in report.states:
         if state.shape and state.shape[-1] % STATE_ALIGN:
@@ -316,7 +316,7 @@ def constraints_table(found: list[Constraint]) -> Any:
 
     if not found:
         return (f"[green]constraints: none broken[/] (ops ≤ {MAX_PROGRAM_OPS}, weights ≤ "
-                f"{human_bytes(MAX_WEIGHT_BYTES)}, states' last dimension a multiple of {STATE_ALIGN}, every "
+                f"{MAX_WEIGHT_BYTES / 1e9:g} GB, states' last dimension a multiple of {STATE_ALIGN}, every "
                 f"dimension ≤ {ANE_MAX_DIM})")
     table = Table(title=f"constraints broken: {len(found)}")
     for column in ("op", "check", "detail"):

@@ -15,7 +15,14 @@ After::
     im = aten.linear(frames, Wsin)                # Wsin (K, L) = −scale · window · sin
     p  = re * re + im * im
 
-`linear_to_conv1x1` then runs both as 1×1 convolutions. `n` pads (zero rows beyond the signal) or
+`linear_to_conv1x1` then runs both as 1×1 convolutions. When the frames are `x.unfold(-1, size, step)` read
+only by the FFT (through the window), the framing and the DFT are one strided convolution per part on the
+signal itself, as coremltools lowers `torch.stft` (window, cos and sin in the kernels, no unfold left)::
+
+    re = aten.convolution(x4, Kcos, None, [1, step])   # x4 (B, 1, 1, L), Kcos (K, 1, 1, size) → (B, K, 1, F)
+    im = aten.convolution(x4, Ksin, None, [1, step])
+
+`n` pads (zero rows beyond the signal) or
 truncates (the weights ignore samples past n); `norm` ("backward", "ortho", "forward") scales the weights.
 A constant window multiplied into the signal just before the FFT is folded into the weights.
 
@@ -36,6 +43,7 @@ import torch.fx as fx
 
 from anefx.graph import add_constant, constant_value, emit, module_path, shape
 from anefx.rule import Context, Refusal, Rule
+from rewrites.unfold_to_conv import framed_conv
 
 aten = torch.ops.aten
 FFTS = {aten.fft_rfft.default: "rfft", aten.fft_fft.default: "fft"}
@@ -122,18 +130,40 @@ def rewrite(node: fx.Node, ctx: Context) -> None:
     cos, sin = dft_weights(length, n, node.target == aten.fft_rfft.default, NORMS[norm](n), window,
                            signal.meta["val"].dtype)
     with ctx.graph.inserting_before(node):
-        order = [d for d in range(rank) if d != dim] + [dim]
-        last = signal if dim == rank - 1 else op(aten.permute.default, signal, order)
-        parts = [op(aten.linear.default, last, add_constant(ctx.ep, f"dft_{part}", w))
-                 for part, w in (("cos", cos), ("sin", sin))]
-        if dim != rank - 1:
-            back = [order.index(d) for d in range(rank)]
-            parts = [op(aten.permute.default, p, back) for p in parts]
+        framing = _framing(signal) if dim == rank - 1 else None
+        if framing is not None:  # frames of a signal: one strided convolution per part, on the signal itself
+            x, step = framing
+            parts = [framed_conv(x, add_constant(ctx.ep, f"dft_{part}", w.reshape(len(w), 1, 1, length)),
+                                 step, op) for part, w in (("cos", cos), ("sin", sin))]
+        else:
+            parts = _projections(signal, dim, rank, cos, sin, ctx, op)
         re, im = parts
         power = op(aten.add.Tensor, op(aten.mul.Tensor, re, re), op(aten.mul.Tensor, im, im))
     for user in list(node.users):
         _replace_reader(user, re, im, power, op)
     ctx.graph.erase_node(node)
+
+
+def _projections(signal: fx.Node, dim: int, rank: int, cos: torch.Tensor, sin: torch.Tensor, ctx: Context,
+                 op) -> list[fx.Node]:
+    """(re, im): the signal's `dim` projected on the cos and sin weights, in the FFT result's layout."""
+    order = [d for d in range(rank) if d != dim] + [dim]
+    last = signal if dim == rank - 1 else op(aten.permute.default, signal, order)
+    parts = [op(aten.linear.default, last, add_constant(ctx.ep, f"dft_{part}", w))
+             for part, w in (("cos", cos), ("sin", sin))]
+    if dim != rank - 1:
+        back = [order.index(d) for d in range(rank)]
+        parts = [op(aten.permute.default, p, back) for p in parts]
+    return parts
+
+
+def _framing(frames: fx.Node) -> tuple[fx.Node, int] | None:
+    """(signal, step) when `frames` is x.unfold over x's last axis read only here (a floating-point x)."""
+    if frames.target != aten.unfold.default or len(frames.users) != 1:
+        return None
+    x, dim, _, step = frames.args
+    rank = x.meta["val"].dim()
+    return (x, step) if rank and dim % rank == rank - 1 and x.meta["val"].is_floating_point() else None
 
 
 def _replace_reader(user: fx.Node, re: fx.Node, im: fx.Node, power: fx.Node, op) -> None:

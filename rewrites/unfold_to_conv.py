@@ -60,18 +60,25 @@ def rewrite(node: fx.Node, ctx: Context) -> fx.Node:
         kept = op(aten.slice.Tensor, signal, -1, 0, frames * size) if frames * size != dims[dim] else signal
         framed = op(aten.reshape.default, kept, [*batch, frames, size])
     else:
-        flat = op(aten.reshape.default, signal, [math.prod(batch), 1, 1, dims[dim]])
         identity = torch.eye(size, dtype=x.meta["val"].dtype).reshape(size, 1, 1, size)
-        kernel = add_constant(ctx.ep, "unfold_identity", identity)
-        conv = op(aten.convolution.default, flat, kernel, None, [1, step], [0, 0], [1, 1], False, [0, 0], 1)
-        framed = op(aten.permute.default, op(aten.squeeze.dims, conv, [2]), [0, 2, 1])  # (N, frames, size)
-        if len(batch) != 1:
-            framed = op(aten.reshape.default, framed, [*batch, frames, size])
+        framed = framed_conv(signal, add_constant(ctx.ep, "unfold_identity", identity), step, op)
     if dim == rank - 1:
         return framed
     order = list(range(rank - 1))  # framed: (*others, frames, size) → frames back at `dim`
     order.insert(dim, rank - 1)
     return op(aten.permute.default, framed, [*order, rank])
+
+
+def framed_conv(signal: fx.Node, kernel: fx.Node, step: int, op) -> fx.Node:
+    """signal (*batch, L) → (*batch, frames, C): each frame (`size` samples, every `step`) times each of the C
+    filters of the constant `kernel` (C, 1, 1, size), as one convolution of stride `step` over the signal."""
+    *batch, length = shape(signal)
+    channels, _, _, size = shape(kernel)
+    frames = (length - size) // step + 1
+    flat = op(aten.reshape.default, signal, [math.prod(batch), 1, 1, length])
+    conv = op(aten.convolution.default, flat, kernel, None, [1, step], [0, 0], [1, 1], False, [0, 0], 1)
+    framed = op(aten.permute.default, op(aten.squeeze.dims, conv, [2]), [0, 2, 1])  # (N, frames, C)
+    return framed if len(batch) == 1 else op(aten.reshape.default, framed, [*batch, frames, channels])
 
 
 def run(ctx: Context) -> tuple[int, list[Refusal]]:

@@ -33,7 +33,7 @@ def _no_complex(ep) -> bool:
     return not any(isinstance(v := n.meta.get("val"), torch.Tensor) and v.is_complex() for n in ep.graph.nodes)
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(shape=st.sampled_from([(50,), (2, 37), (1, 3, 29), (2, 21, 3)]), dim=st.integers(0, 2),
        size=st.integers(1, 9), step=st.integers(1, 9))
 def test_property_unfold_becomes_an_identity_convolution(shape, dim, size, step):
@@ -51,12 +51,13 @@ def test_property_unfold_becomes_an_identity_convolution(shape, dim, size, step)
 
 
 class Spectrum(torch.nn.Module):
-    def __init__(self, fft, n, norm, reader, dim=-1):
+    def __init__(self, fft, n, norm, reader, dim=-1, frame=None):
         super().__init__()
-        self.fft, self.n, self.norm, self.reader, self.dim = fft, n, norm, reader, dim
+        self.fft, self.n, self.norm, self.reader, self.dim, self.frame = fft, n, norm, reader, dim, frame
 
     def forward(self, x):
-        s = self.fft(x, n=self.n, dim=self.dim, norm=self.norm)
+        frames = x.unfold(-1, *self.frame) if self.frame else x
+        s = self.fft(frames, n=self.n, dim=self.dim, norm=self.norm)
         match self.reader:
             case "abs":
                 return s.abs() + 1
@@ -70,17 +71,22 @@ class Spectrum(torch.nn.Module):
                 return s.angle()
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(fft=st.sampled_from([torch.fft.rfft, torch.fft.fft]), length=st.integers(2, 40),
        n=st.sampled_from([None, 7, 16, 33]), norm=st.sampled_from([None, "backward", "ortho", "forward"]),
-       reader=st.sampled_from(["abs", "power", "view_as_real", "real_imag", "angle"]), last=st.booleans())
-def test_property_fft_becomes_dft_projections(fft, length, n, norm, reader, last):
-    x = torch.randn(2, 3, length) if last else torch.randn(2, length, 3)
-    model = Spectrum(fft, n, norm, reader, dim=-1 if last else 1).eval()
+       reader=st.sampled_from(["abs", "power", "view_as_real", "real_imag", "angle"]),
+       layout=st.sampled_from(["last", "middle", "framed"]), step=st.integers(1, 6))
+def test_property_fft_becomes_dft_projections(fft, length, n, norm, reader, layout, step):
+    x = {"last": torch.randn(2, 3, length), "middle": torch.randn(2, length, 3), "framed": torch.randn(2, 50)}[layout]
+    frame = (length, step) if layout == "framed" else None
+    model = Spectrum(fft, n, norm, reader, dim=1 if layout == "middle" else -1, frame=frame).eval()
     _, after, records = rewrite(model, (x,), [FFT_RULE])
     assert records[-1].status == "applied" and records[-1].matches == 1, records[-1]
-    assert ops(after)["fft_rfft"] + ops(after)["fft_fft"] == 0 and ops(after)["linear"] == 2
-    assert _no_complex(after)
+    assert ops(after)["fft_rfft"] + ops(after)["fft_fft"] == 0 and _no_complex(after)
+    if layout == "framed":  # unfold + DFT: one strided convolution per part on the signal, no unfold left
+        assert ops(after)["convolution"] == 2 and ops(after)["unfold"] == 0 and ops(after)["linear"] == 0
+    else:
+        assert ops(after)["linear"] == 2
     torch.testing.assert_close(after.module()(x), model(x), rtol=1e-4, atol=1e-4)
 
 
@@ -100,6 +106,27 @@ def test_a_constant_window_is_folded_into_the_dft_weights():
     assert ops(before)["mul"] == 1 and ops(after)["mul"] == 0  # no window multiply left
     assert ops(after)["linear"] == 2 and ops(after)["stack"] == 1
     torch.testing.assert_close(after.module()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class PowerSpectrogram(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("window", torch.hann_window(N_FFT))
+
+    def forward(self, audio):
+        return torch.fft.rfft(audio.unfold(-1, N_FFT, HOP) * self.window).abs() ** 2
+
+
+def test_windowed_frames_become_one_strided_convolution_per_part():
+    x = torch.randn(1, HOP * 15 + N_FFT)
+    model = PowerSpectrogram().eval()
+    _, after, records = rewrite(model, (x,), [FFT_RULE, UNFOLD_RULE])
+    assert [r.matches for r in records[1:]] == [1, 0]  # nothing left for unfold_to_conv
+    assert ops(after)["unfold"] == 0 and ops(after)["convolution"] == 2 and ops(after)["linear"] == 0
+    assert ops(after)["mul"] == 2 and ops(after)["add"] == 1  # re² + im²: the window is in the kernels
+    conv = next(n for n in after.graph.nodes if n.target == torch.ops.aten.convolution.default)
+    assert conv.args[3] == [1, HOP] and tuple(conv.meta["val"].shape) == (1, N_FFT // 2 + 1, 1, 16)
+    torch.testing.assert_close(after.module()(x), model(x), rtol=1e-4, atol=1e-3)
 
 
 class Unreadable(torch.nn.Module):
