@@ -8,6 +8,7 @@ a composite, e.g. the layer norms) counts under the composite's name (`layer_nor
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ DIALECT = "coreai."
 CONV = ("conv2d", "conv3d", "conv_transpose2d", "conv_transpose3d")
 MATMUL = ("batch_matmul", "decomposable.broadcasting_batch_matmul")
 LAYOUT = ("transpose", "reshape", "expand_dims", "shrink_dims")
+WEIGHT_MOVES = (*LAYOUT, "cast", "broadcast_to", "broadcast_in_dims")  # a weight read through these is a weight
 _COMPOSITE = re.compile(r'composite_declaration<"([^"]+)"')
 
 
@@ -34,7 +36,7 @@ class AimodelReport:
     outputs: dict[str, tuple[list[int], str]]
     ops: Counter = field(default_factory=Counter)  # the main graph's ops, composites by name
     softmax_shapes: Counter = field(default_factory=Counter)  # (shape, axis) → count
-    weight_matmuls: int = 0  # matmuls with a constant operand: projections not in conv form
+    weight_matmuls: int = 0  # matmuls reading a weight (a constant, maybe transposed): projections not as conv
     max_rank: int = 0
     largest_dim: int = 0
 
@@ -78,13 +80,13 @@ def aimodel_report(path: str | Path) -> AimodelReport:
                   and (m := _COMPOSITE.search(str(op.attributes["composite_decl"])))}
     main = graphs["main"]
     report = AimodelReport(path, *_signature(main))
-    constants = set()
+    weights = set()  # values that are constants, or constants moved by layout ops and casts
     for op in _body(main):
         name = _op_type(op, composites)
         report.ops[name] += 1
-        if name == "constant":
-            constants.update(_ids(op.results))
-        elif name in MATMUL and any(_id(v) in constants for v in op.operands):
+        if name == "constant" or (name in WEIGHT_MOVES and _id(op.operands[0]) in weights):
+            weights.update(_ids(op.results))
+        elif name in MATMUL and any(_id(v) in weights for v in op.operands):
             report.weight_matmuls += 1
         elif name == "softmax":
             report.softmax_shapes[(tuple(_shape(op.results[0].type)), _softmax_axis(op))] += 1
@@ -102,11 +104,24 @@ def _load_module(path: Path) -> Any:
     require_coreai()
     from coreai.authoring.asset import AIModelAsset
 
+    _check_intact(path, AIModelAsset.is_valid(path))  # coreai-core ends the process on a damaged program
+
     try:
         return AIModelAsset.load(path).program._module._mlir_module  # noqa: SLF001 - the IR is what we read
     except Exception as exc:  # noqa: BLE001 - reported with what to do
         raise AimodelReadError(f"{path} could not be read as a Core AI model ({type(exc).__name__}: "
                                f"{str(exc)[:200]}). Save it again with anefx.") from exc
+
+
+def _check_intact(path: Path, valid: bool) -> None:
+    """The asset's program is there and its bytes are the ones its hash file names (sha256)."""
+    program, digest = path / "main.mlirb", path / "main.hash"
+    if not valid or not program.is_file() or not digest.is_file():
+        raise AimodelReadError(f"{path} is not a complete Core AI model (no main.mlirb, main.hash or metadata). "
+                               "Save it again with c.save(...) or `anefx compile --target coreai`.")
+    if hashlib.sha256(program.read_bytes()).digest() != digest.read_bytes():
+        raise AimodelReadError(f"{path}/main.mlirb does not match main.hash: the file is damaged or was changed. "
+                               "Save it again with c.save(...) or `anefx compile --target coreai`.")
 
 
 def _graphs(module: Any) -> dict[str, Any]:
