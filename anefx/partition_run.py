@@ -161,9 +161,9 @@ def _nodes_named_by(exc: LoweringError, plan: PartitionPlan) -> list[fx.Node]:
     """The package nodes whose op the region's LoweringError names: as anefx lists ops without a converter
     ('aten.histc.default (histc, …)'), or as coremltools quotes an op's short name ('histc')."""
     text = str(exc)
-    short = {"'{}'", "kind {}\n", "kind {},", "op {} "}
-    return [n for s in plan.packages for n in s.nodes if hasattr(n.target, "_opname") and (
-        f"{op_name(n)} (" in text or any(form.format(n.target._opname) in text for form in short))]
+    forms = ("{op} (", "node {node} (", "'{short}'", "kind {short}\n", "kind {short},", "op {short} ")
+    return [n for s in plan.packages for n in s.nodes if hasattr(n.target, "_opname") and any(
+        form.format(op=op_name(n), node=n.name, short=n.target._opname) in text for form in forms)]
 
 
 def _is_scalar(node: fx.Node) -> bool:

@@ -1,8 +1,8 @@
 """Partitioning: what coremltools cannot lower (or cpu_ops names) runs in torch, each convertible region is a package.
 
-Default run: plans (export only), options, the multi-node LoweringError, and one cheap end-to-end compile (no
-rules, no package check). Slow: the same model with the default rules (verified), save/load, cpu_ops compiled,
-and torch.compile(backend="anefx").
+Default run: plans (export only), options, the multi-node LoweringError, ops the rules rewrite, and one cheap
+end-to-end compile (no rules, no package check). Slow: the same model with the default rules (verified), the
+manifest, save/load, cpu_ops compiled, a converter that fails, and torch.compile(backend="anefx").
 """
 
 from __future__ import annotations
@@ -245,3 +245,68 @@ def test_backend_partitions_the_same_model():
     assert _relative(out, model(X).detach()) <= 1e-4
     notices = [str(w.message) for w in seen if w.category is AnefxNotice and "on the CPU" in str(w.message)]
     assert len(notices) == 1 and "aten.histc.default" in notices[0] and "2 CoreML package(s)" in notices[0]
+
+
+class Frames(nn.Module):
+    """unfold has no converter, but the unfold_to_conv rule rewrites it into a convolution; histc stays in torch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(8, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.lin(x.unfold(-1, 8, 4))
+        return self.out(h + torch.histc(h, bins=16, min=-2, max=2))
+
+
+def test_ops_the_rules_rewrite_stay_in_packages():
+    from anefx.partition_run import ops_rules_rewrite
+
+    cap = capture(Frames().eval(), (torch.randn(1, 64),), None)
+    rewritten = ops_rules_rewrite(cap, {})
+    assert rewritten == frozenset({"aten.unfold.default"})
+    plan = plan_partition(cap.exported, (), None, rewritten)
+    assert [n.name for n in plan.cpu_nodes] == ["histc"] and _kinds(plan) == ["package", "cpu", "package"]
+    assert ops_rules_rewrite(cap, {"rules": []}) == frozenset()  # without the rule, unfold runs on the CPU
+    assert "unfold" in [n.name for n in plan_partition(cap.exported).cpu_nodes]
+
+
+@torch.library.custom_op("anefx_test::scaled", mutates_args=())
+def scaled(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@scaled.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _register_failing_converter() -> None:
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY, register_torch_op
+
+    if _TORCH_OPS_REGISTRY.get_func("anefx_test::scaled") is None:
+        @register_torch_op(torch_alias=["anefx_test::scaled"])
+        def anefx_test_scaled(context, node):  # a converter that exists but fails
+            raise ValueError("scaled: this converter does not handle the input")
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.out(torch.ops.anefx_test.scaled(self.lin(x)))
+
+
+@pytest.mark.slow
+def test_a_region_that_fails_to_lower_moves_the_op_it_names_to_the_cpu():
+    _register_failing_converter()
+    model, x = Scaled().eval(), torch.randn(1, 8)
+    c = anefx.compile(model, (x,), partition=True, precision="fp32", rules=[], package_check="skip")
+    (step,) = c.cpu_steps
+    assert step["op"] == "anefx_test.scaled.default" and "coremltools failed to lower it" in step["reason"]
+    assert len(c.packages) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AnefxNotice)
+        assert _relative(c(x), model(x).detach()) <= 1e-4
