@@ -95,6 +95,26 @@ def test_function_names_come_from_the_inputs_whose_shapes_vary():
     assert function_names(two) == ["input_ids_1x64_attention_mask_1x64", "input_ids_1x128_attention_mask_1x128"]
 
 
+# -- a two-bucket MLP (default run: ~1.5 s CPU once torch and coremltools are loaded) -----------------------------
+
+def test_two_bucket_mlp_dispatches_by_shape_and_saves_one_package(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8)).eval()
+    short, long = torch.randn(1, 4, 8), torch.randn(1, 8, 8)
+    c = anefx.compile(model, (short,), buckets=[(long,), (short,)], precision="fp32", progress=False)
+    assert list(c.buckets) == ["input_1x4x8", "input_1x8x8"]  # the example first, listed once
+    for x in (short, long):
+        with torch.no_grad():
+            torch.testing.assert_close(c(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(BucketShapeError, match=r"input 1x5x8\) are none of this package's buckets: input_1x4x8 "
+                       r"\(input 1x4x8\); input_1x8x8 \(input 1x8x8\)\. Pad the input"):
+        c(torch.randn(1, 5, 8))
+    path = c.save(tmp_path / "mlp")
+    assert [(r.function, r.inputs) for r in package_buckets(path)] == [("input_1x4x8", {"input": (1, 4, 8)}),
+                                                                       ("input_1x8x8", {"input": (1, 8, 8)})]
+    saved = load_mlpackage(path, function="input_1x8x8")(input=long)["output"]
+    np.testing.assert_array_equal(saved, c.predict(long, precision="fp32")["output"])
+
+
 # -- a three-bucket encoder (slow: three verified compiles, ~70 s on a busy 2-core machine) ----------------------
 
 @pytest.fixture(scope="module")
