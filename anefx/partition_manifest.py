@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import operator
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,7 +136,20 @@ class SavedPartition:
 
 
 def manifest_text(data: dict[str, Any]) -> str:
-    """JSON, indented, with each list of numbers (a shape) on one line."""
-    text = json.dumps(data, indent=2)
-    return re.sub(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]", lambda m: "[" + ", ".join(m.group(1).replace(",", " ").split())
-                  + "]", text) + "\n"
+    """JSON, indented, with each value that fits in a line of 100 characters (a tensor's spec, a list of
+    names) on one line."""
+    return _json(data, 0) + "\n"
+
+
+def _json(value: Any, indent: int, column: int | None = None) -> str:
+    """`value` at `indent` (nested lines) written from `column` (where its first character goes)."""
+    flat = json.dumps(value)
+    if not isinstance(value, dict | list) or not value or (indent and (column or indent) + len(flat) <= 100):
+        return flat
+    inner = " " * (indent + 2)
+    if isinstance(value, list):
+        items = [inner + _json(v, indent + 2) for v in value]
+        return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"
+    items = [f"{inner}{json.dumps(k)}: {_json(v, indent + 2, indent + 4 + len(json.dumps(k)))}"
+             for k, v in value.items()]
+    return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
