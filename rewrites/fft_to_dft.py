@@ -133,8 +133,8 @@ def rewrite(node: fx.Node, ctx: Context) -> None:
         framing = _framing(signal) if dim == rank - 1 else None
         if framing is not None:  # frames of a signal: one strided convolution per part, on the signal itself
             x, step = framing
-            parts = [framed_conv(x, add_constant(ctx.ep, f"dft_{part}", w.reshape(len(w), 1, 1, length)),
-                                 step, op) for part, w in (("cos", cos), ("sin", sin))]
+            parts = framed_conv(x, [add_constant(ctx.ep, f"dft_{part}", w.reshape(len(w), 1, 1, length))
+                                    for part, w in (("cos", cos), ("sin", sin))], step, op)
         else:
             parts = _projections(signal, dim, rank, cos, sin, ctx, op)
         re, im = parts

@@ -61,7 +61,7 @@ def rewrite(node: fx.Node, ctx: Context) -> fx.Node:
         framed = op(aten.reshape.default, kept, [*batch, frames, size])
     else:
         identity = torch.eye(size, dtype=x.meta["val"].dtype).reshape(size, 1, 1, size)
-        framed = framed_conv(signal, add_constant(ctx.ep, "unfold_identity", identity), step, op)
+        framed = framed_conv(signal, [add_constant(ctx.ep, "unfold_identity", identity)], step, op)[0]
     if dim == rank - 1:
         return framed
     order = list(range(rank - 1))  # framed: (*others, frames, size) → frames back at `dim`
@@ -69,16 +69,19 @@ def rewrite(node: fx.Node, ctx: Context) -> fx.Node:
     return op(aten.permute.default, framed, [*order, rank])
 
 
-def framed_conv(signal: fx.Node, kernel: fx.Node, step: int, op) -> fx.Node:
-    """signal (*batch, L) → (*batch, frames, C): each frame (`size` samples, every `step`) times each of the C
-    filters of the constant `kernel` (C, 1, 1, size), as one convolution of stride `step` over the signal."""
+def framed_conv(signal: fx.Node, kernels: list[fx.Node], step: int, op) -> list[fx.Node]:
+    """signal (*batch, L) → one (*batch, frames, C) per kernel: each frame (`size` samples, every `step`) times
+    each of the C filters of a constant kernel (C, 1, 1, size), as one convolution of stride `step`."""
     *batch, length = shape(signal)
-    channels, _, _, size = shape(kernel)
-    frames = (length - size) // step + 1
     flat = op(aten.reshape.default, signal, [math.prod(batch), 1, 1, length])
-    conv = op(aten.convolution.default, flat, kernel, None, [1, step], [0, 0], [1, 1], False, [0, 0], 1)
-    framed = op(aten.permute.default, op(aten.squeeze.dims, conv, [2]), [0, 2, 1])  # (N, frames, C)
-    return framed if len(batch) == 1 else op(aten.reshape.default, framed, [*batch, frames, channels])
+    framed = []
+    for kernel in kernels:
+        channels, _, _, size = shape(kernel)
+        conv = op(aten.convolution.default, flat, kernel, None, [1, step], [0, 0], [1, 1], False, [0, 0], 1)
+        frames = op(aten.permute.default, op(aten.squeeze.dims, conv, [2]), [0, 2, 1])  # (N, frames, C)
+        framed.append(frames if len(batch) == 1 else
+                      op(aten.reshape.default, frames, [*batch, (length - size) // step + 1, channels]))
+    return framed
 
 
 def run(ctx: Context) -> tuple[int, list[Refusal]]:
