@@ -58,7 +58,16 @@ def blockwise_shift_scale(ctx, data, scale, offset=None):
     scale = _repeat_blocks(np.asarray(scale, np.float32), data.shape)
     if offset is not None:
         data = data - _repeat_blocks(np.asarray(offset, np.float32), data.shape)
-    return scale * data
+    return _declared(ctx, scale * data)
+
+
+def _declared(ctx, value: np.ndarray) -> np.ndarray:
+    """The value in the op's declared output type (an fp16 weight is fp16 in any precision), held as float32.
+    fp16 × fp16 is exact in float32, so one rounding gives what coremltools computes in fp16."""
+    ttype = ctx.op.outputs[0][1]
+    if ttype is not None and ttype.dtype == np.float16:
+        return value.astype(np.float16).astype(np.float32)
+    return value
 
 
 # -- iOS16 ------------------------------------------------------------------------------------------------
@@ -81,7 +90,7 @@ def affine_dequantize(ctx, quantized_data, zero_point, scale, axis):
     scale = np.asarray(scale, np.float32)
     zero = zero.reshape(view) if zero.size > 1 else zero.reshape(())
     scale = scale.reshape(view) if scale.size > 1 else scale.reshape(())
-    return (data - zero) * scale
+    return _declared(ctx, (data - zero) * scale)
 
 
 @kernel("constexpr_cast")
