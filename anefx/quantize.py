@@ -46,8 +46,8 @@ PASS_THROUGH = frozenset({"reshape", "transpose", "squeeze", "expand_dims", "con
 @dataclass
 class QuantizeConfig:
     """`mode` is the default part's mode; `embeddings` / `head` override it for those parts (None: the
-    default's mode). `group_size`: output channels sharing one lookup table (lut modes; a weight whose
-    channel count it does not divide gets one table per weight). `min_weight_elements`: smaller consts stay fp16."""
+    default's mode). `group_size`: output channels sharing one lookup table (lut modes; when it does not divide a
+    weight's channel count, the largest divisor below it is used). `min_weight_elements`: smaller consts stay fp16."""
 
     mode: str = "lut4"
     embeddings: str | None = None

@@ -66,10 +66,17 @@ def _lut_config(mode: str, group_size: int, shape: tuple[int, ...]) -> Any:
     from coremltools.optimize.coreml import OpPalettizerConfig
 
     nbits = int(mode.removeprefix("lut"))
-    grouped = bool(shape) and shape[0] % group_size == 0 and shape[0] > group_size
+    size = channel_group(shape[0] if shape else 1, group_size)
     return OpPalettizerConfig(mode="custom", lut_function=functools.partial(kmeans_lut, nbits=nbits),
-                              granularity="per_grouped_channel" if grouped else "per_tensor",
-                              group_size=group_size if grouped else 0, weight_threshold=1)
+                              granularity="per_grouped_channel" if size else "per_tensor",
+                              group_size=size, weight_threshold=1)
+
+
+def channel_group(channels: int, group_size: int) -> int:
+    """Output channels per lookup table: the largest divisor of `channels` up to `group_size` (30522 rows with
+    group_size 16: 6); 0 (one table for the weight) when that is under a quarter of group_size or covers all."""
+    size = next(d for d in range(min(group_size, channels), 0, -1) if channels % d == 0)
+    return 0 if size * 4 < group_size or size >= channels else size
 
 
 def kmeans_lut(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
