@@ -24,6 +24,7 @@ from anefx.errors import (
 
 if TYPE_CHECKING:  # what the names below resolve to, for type checkers and editors
     from anefx.api import compile, default_rules
+    from anefx.buckets import BucketError, BucketShapeError
     from anefx.compiled import AnefxNotice, CompiledModel
     from anefx.diff import GraphDiff, diff
     from anefx.mil import load_mlpackage
@@ -46,6 +47,7 @@ _LAZY = {
     "PackageCheck": "anefx.package_check", "PrecisionError": "anefx.package_check",
     "PrecisionWarning": "anefx.package_check",
     "PassRecord": "anefx.pipeline",
+    "BucketError": "anefx.buckets", "BucketShapeError": "anefx.buckets",
     "QuantizeConfig": "anefx.quantize", "quantize_report": "anefx.quantize_report",
     "QuantizeReport": "anefx.quantize_report",
     "load_partitioned": "anefx.partitioned", "PartitionedModel": "anefx.partitioned",
@@ -82,7 +84,8 @@ sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [
-    "LLM", "AnefxError", "AnefxNotice", "CaptureError", "CompiledLLM", "CompiledModel", "ContextFullError",
+    "LLM", "AnefxError", "AnefxNotice",
+    "BucketError", "BucketShapeError", "CaptureError", "CompiledLLM", "CompiledModel", "ContextFullError",
     "GraphDiff", "InvalidExampleError",
     "InvalidModelError", "LoweringError", "Match", "OptionError", "PackageCheck", "PassRecord", "Pattern",
     "PrecisionError", "PrecisionWarning", "Rule", "RuleError", "UnknownRuleError", "compile", "default_rules",
