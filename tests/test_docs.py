@@ -226,5 +226,20 @@ def check_cli(ns: dict, tmp_path: Path) -> None:
     assert ns["out"].past_key_values is not None
 
 
+def check_partition(ns: dict, tmp_path: Path) -> None:
+    """The manifest and the report shown are the ones the code writes; the saved folder runs as the model."""
+    import json
+
+    import torch
+
+    shown = {language: "\n".join(lines) for language, _, lines in fenced_blocks(ROOT / "docs" / "partition.md")
+             if language in ("json", "text")}
+    assert json.loads(shown["json"]) == json.loads((tmp_path / "histnet-parts" / "partition.json").read_text())
+    assert shown["text"] == ns["c"].report()
+    torch.testing.assert_close(ns["y_again"], ns["y"])
+    reference = ns["model"](ns["x"]).detach()
+    assert float((ns["y"] - reference).abs().max() / reference.abs().max()) < 1e-2  # fp16 packages
+
+
 CHECKS = {"README.md": check_readme, "api.md": check_api, "inspection.md": check_inspection,
-          "verification.md": check_verification, "cli.md": check_cli}
+          "verification.md": check_verification, "cli.md": check_cli, "partition.md": check_partition}
