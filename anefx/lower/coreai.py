@@ -59,6 +59,11 @@ class CoreAITarget:
 
         return check_folder_target(aimodel_path(path), ASSET_MARKER, "a Core AI model (.aimodel)")
 
+    def figures(self, path: Path) -> dict[str, Any]:
+        from anefx.lower.coreai_report import aimodel_report
+
+        return aimodel_report(path).as_json()
+
     def lower(self, ep: ExportedProgram, *, input_names: list[str], output_names: list[str],
               options: LoweringOptions) -> CoreAIArtifact:
         return CoreAIArtifact(lower_coreai(ep, input_names, output_names), list(input_names), list(output_names))
@@ -182,10 +187,8 @@ class CoreAIArtifact:
         """The structural figures of the saved program (anefx.lower.coreai_report), as one JSON-ready dict."""
         import tempfile
 
-        from anefx.lower.coreai_report import aimodel_report
-
         with tempfile.TemporaryDirectory(prefix="anefx-") as folder:
-            return aimodel_report(self.save(Path(folder) / f"model{SUFFIX}")).as_json()
+            return TARGET.figures(self.save(Path(folder) / f"model{SUFFIX}"))
 
     def can_run(self) -> bool:
         return can_run_coreai()

@@ -312,6 +312,9 @@ class CoreMLTarget:
 
         return check_package_target(package_path(path))
 
+    def figures(self, path: Path) -> dict[str, Any]:
+        return mlpackage_figures(path)
+
     def lower(self, ep: ExportedProgram, *, input_names: list[str], output_names: list[str], options: Any) -> Any:
         mlmodel = lower(ep, input_names=input_names, output_names=output_names, compute_units=options.compute_units,
                         deployment_target=options.deployment_target, precision=options.precision)

@@ -64,6 +64,10 @@ class LoweringTarget(Protocol):
     def check_output(self, path: str | Path) -> Path:
         """The path save() writes for `path` (suffix added), or FileWriteError when something else is there."""
 
+    def figures(self, path: Path) -> dict[str, Any]:
+        """A saved model's op histogram and structural figures: {"format", "ops": {op type: count}, "conv",
+        "linear", "matmul", "softmax", "softmax_shapes", "layout_ops", "max_rank", "largest_dim", …}."""
+
     def lower(self, ep: ExportedProgram, *, input_names: list[str], output_names: list[str],
               options: LoweringOptions) -> Artifact: ...
 
@@ -136,3 +140,13 @@ def default_output(fmt: str, name: str) -> Path:
 def check_output(fmt: str, output: str | Path) -> Path:
     """The path the format writes for `output`, or FileWriteError when something else is in its place."""
     return importlib.import_module(FORMATS[fmt]).TARGET.check_output(output)
+
+
+def saved_figures(path: str | Path) -> dict[str, Any]:
+    """The figures of a saved model of either format (chosen by its suffix), as one JSON-ready dict."""
+    path = Path(path)
+    for module in FORMATS.values():
+        chosen = importlib.import_module(module).TARGET
+        if path.suffix == chosen.suffix:
+            return chosen.figures(path)
+    raise OptionError(f"{path} is neither a .mlpackage nor a .aimodel; give a model anefx saved.")
