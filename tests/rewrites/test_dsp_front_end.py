@@ -185,16 +185,17 @@ def test_log_mel_transformer_compiles_whole_for_the_ane_and_matches_torch(tmp_pa
     model = LogMelEncoder().eval()
     audio = torch.randn(1, HOP * 31 + N_FFT)  # 32 frames
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    c = anefx.compile(model, (audio,))
+    c = anefx.compile(model, (audio,))  # fp16, as the Neural Engine runs it
     status = {p.name: p.status for p in c.passes}
     assert status["fft_to_dft"] == "applied" and status["unfold_to_conv"] == "no-match"  # framing in the DFT
     report = package_report(c.save(tmp_path / "logmel.mlpackage"))
     assert not report.unsupported and not set(report.histogram) & set(ANE_UNSUPPORTED)
     assert report.histogram["conv"] == 12  # the two strided DFT convolutions, mel, input and encoder projections
-    reference = model(audio).detach().numpy()
-    fp32 = next(iter(c.predict(audio, precision="fp32").values()))
-    assert np.abs(fp32 - reference).max() / np.abs(reference).max() <= 1e-3
     psnr = c.verify(audio, precision="fp16")["output"].psnr_db
-    print(f"log-mel transformer: fp16 PSNR {psnr:.1f} dB")  # docs/rules.md cites it
-    assert psnr > 50
+    fp32 = anefx.compile(model, (audio,), precision="fp32")
+    reference = model(audio).detach().numpy()
+    error = np.abs(next(iter(fp32.predict(audio, precision="fp32").values())) - reference).max()
+    print(f"log-mel transformer: fp32 package max error {error / np.abs(reference).max():.2g} of the largest "
+          f"output, fp16 package PSNR {psnr:.1f} dB")  # docs/rules.md cites both
+    assert error / np.abs(reference).max() <= 1e-3 and psnr > 50
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # the model is not modified
