@@ -13,10 +13,11 @@ from anefx.quantize import LADDER
 def quantize_report_command(console: Any, staged: Callable, target: str, examples: list[str] | None,
                             plot: Path | None, modes: str | None, group_size: int, deployment_target: str) -> None:
     """Load TARGET like `anefx compile`, measure the ladder, print the table (and write the plot)."""
-    from anefx.quantize_report import quantize_report
+    from anefx.quantize_report import quantize_report, rung_configs
     from anefx.target import example_inputs, load_target, parse_example
 
     chosen = _modes(modes)
+    rung_configs(chosen, group_size, deployment_target)  # bad modes, group sizes, targets: before loading
     if plot is not None:
         from anefx.files import check_file_target
 

@@ -60,11 +60,11 @@ class QuantizeReport:
         from rich.table import Table
 
         table = Table(title=title)
-        for name in ("mode", "MiB", "× fp16", "PSNR dB (min)", *(("top-1 vs fp16", "perplexity")
+        for name in ("mode", "package", "× fp16", "PSNR dB (min)", *(("top-1 vs fp16", "perplexity")
                                                                   if self.decoder else ())):
             table.add_column(name, justify="left" if name == "mode" else "right")
         for r in self.rows:
-            cells = [r.mode, f"{r.bytes / 2**20:.2f}", f"{r.size_ratio:.3f}", f"{r.min_psnr_db:.1f}"]
+            cells = [r.mode, human_bytes(r.bytes), f"{r.size_ratio:.3f}", f"{r.min_psnr_db:.1f}"]
             if self.decoder:
                 cells += [f"{r.top1_agreement:.1%}", f"{r.perplexity:.1f}"]
             table.add_row(*cells)
@@ -77,34 +77,44 @@ class QuantizeReport:
         return write_ladder_png(self, Path(path))
 
 
+def human_bytes(count: int) -> str:
+    return f"{count / 2**20:,.1f} MiB" if count >= 2**20 else f"{count / 2**10:,.0f} KiB"
+
+
 def quantize_report(model: torch.nn.Module, example_args: Any, example_kwargs: dict | None = None, *,
                     modes: Sequence[str] = LADDER, group_size: int = 16, deployment_target: str = "iOS18",
                     compute_units: str = "CPU_AND_NE", progress: Progress = None) -> QuantizeReport:
     """Compile `model` once (fp16) and measure each rung of `modes`. See the module docstring."""
     from anefx.api import compile as anefx_compile
 
-    configs = _rung_configs(modes, group_size, deployment_target)
+    configs = rung_configs(modes, group_size, deployment_target)
     with reporter(progress, "anefx.quantize_report") as say:
         compiled = anefx_compile(model, example_args, example_kwargs, deployment_target=deployment_target,
                                  compute_units=compute_units, package_check="skip",
                                  progress=lambda s: say(f"compile: {s}"))
-        call = _measured_call(model, compiled)
-        reference = _reference(compiled, call)
-        rows, baseline = [], None
-        with tempfile.TemporaryDirectory(prefix="anefx-ladder-") as folder:
-            for mode, config in configs.items():
-                row, logits = _measure(compiled, mode, config, call, reference, Path(folder), say)
-                if call.decoder:
-                    baseline = logits if baseline is None else baseline
-                    row.top1_agreement = float((logits.argmax(-1) == baseline.argmax(-1)).mean())
-                    row.perplexity = perplexity(logits, call.tokens)
-                rows.append(row)
+        return measure_ladder(model, compiled, configs, say)
+
+
+def measure_ladder(model: torch.nn.Module, compiled: Any, configs: dict[str, QuantizeConfig | None],
+                   say: Any = print) -> QuantizeReport:
+    """The rungs of `configs` (mode → config, fp16 first) measured on an fp16 CompiledModel of `model`."""
+    call = _measured_call(model, compiled)
+    reference = _reference(compiled, call)
+    rows, baseline = [], None
+    with tempfile.TemporaryDirectory(prefix="anefx-ladder-") as folder:
+        for mode, config in configs.items():
+            row, logits = _measure(compiled, mode, config, call, reference, Path(folder), say)
+            if call.decoder:
+                baseline = logits if baseline is None else baseline
+                row.top1_agreement = float((logits.argmax(-1) == baseline.argmax(-1)).mean())
+                row.perplexity = perplexity(logits, call.tokens)
+            rows.append(row)
     for row in rows:
         row.size_ratio = row.bytes / rows[0].bytes
-    return QuantizeReport(rows, call.decoder, notes=_notes(call, modes))
+    return QuantizeReport(rows, call.decoder, notes=_notes(call))
 
 
-def _rung_configs(modes: Sequence[str], group_size: int, target: str) -> dict[str, QuantizeConfig | None]:
+def rung_configs(modes: Sequence[str], group_size: int, target: str) -> dict[str, QuantizeConfig | None]:
     if isinstance(modes, str) or not modes:
         raise OptionError(f"modes={modes!r}: pass a list of modes, e.g. {list(LADDER)}.")
     bad = [m for m in modes if m not in MODES]
@@ -163,7 +173,8 @@ def _measure(compiled: Any, mode: str, config: QuantizeConfig | None, call: _Cal
 
     rung = compiled
     if config is not None:
-        say(f"{mode}: quantize ({config.describe()}, group size {config.group_size})")
+        groups = f", {config.group_size} channels per table" if "lut" in config.describe() else ""
+        say(f"{mode}: quantize ({config.describe()}{groups})")
         rung = dataclasses.replace(compiled, mlmodel=quantize_mlmodel(compiled.mlmodel, config)[0], _runners={})
     saved = rung.save(folder / f"{mode}.mlpackage")
     say(f"{mode}: run the package (MIL interpreter, fp16)")
@@ -183,7 +194,7 @@ def perplexity(logits: np.ndarray, tokens: np.ndarray) -> float:
     return float(math.exp(nll.mean()))
 
 
-def _notes(call: _Call, modes: Sequence[str]) -> list[str]:
+def _notes(call: _Call) -> list[str]:
     notes = ["PSNR: each package in the MIL interpreter (fp16 emulated) against the fp32 model"]
     if call.decoder:
         notes.append(f"top-1 and perplexity: a fixed token stream of {len(call.tokens)} tokens (seed {STREAM_SEED}), "
