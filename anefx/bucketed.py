@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 from anefx.buckets import (
     BUCKETS_KEY,
+    BucketError,
     BucketRecord,
     BucketShapeError,
     bucket_examples,
@@ -140,6 +141,9 @@ def compile_buckets(model: Any, example_args: Any, example_kwargs: dict | None, 
     from anefx.package_check import CHECKS
     from anefx.progress import reporter
 
+    if options.pop("partition", False) is not False or options.pop("cpu_ops", None) is not None:
+        raise BucketError("buckets= and partition=/cpu_ops= do not combine: a partitioned compile writes several "
+                          "packages per shape. Compile one partitioned program per shape, or drop partition=.")
     examples = bucket_examples(model, example_args, example_kwargs, buckets)
     check = options.pop("package_check", "warn")
     if check not in CHECKS:
@@ -157,7 +161,7 @@ def compile_buckets(model: Any, example_args: Any, example_kwargs: dict | None, 
             say("check every bucket's function (MIL interpreter)")
     if check != "skip":
         for bucketed in bucket_set.models:
-            bucketed.package_check = bucketed.check_package()
+            bucketed.package_check = _checked(bucketed, options.get("quantize"))
             _report(bucketed, check)
     default = bucket_set.models[0]
     names = ", ".join(r.describe() for r in bucket_set.records)
@@ -196,6 +200,16 @@ def save_multifunction(singles: dict[str, Path], default: str, target: Path) -> 
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         ct.utils.save_multifunction(descriptor, str(target))
+
+
+def _checked(bucketed: BucketedModel, quantize: Any) -> Any:
+    """The bucket's function run on its example (a quantized program is held to its own PSNR floor)."""
+    result = bucketed.check_package()
+    if quantize is None:
+        return result
+    from anefx.quantize_apply import quantized_check
+
+    return quantized_check(result, quantize)
 
 
 def _report(bucketed: BucketedModel, mode: str) -> None:

@@ -64,6 +64,8 @@ def test_empty_or_malformed_buckets_are_refused_naming_the_fix():
     assert "buckets=[(ids_64,), (ids_128,)]" in _refused([])
     assert "list of example inputs" in _refused(torch.randn(1, 4, 8))
     assert "buckets[0] is a str" in _refused(["1x8"]) and "(args, kwargs)" in _refused(["1x8"])
+    with pytest.raises(BucketError, match="one partitioned program per shape, or drop partition="):
+        anefx.compile(Flagged(), (torch.randn(1, 4, 8),), buckets=[(torch.randn(1, 8, 8),)], partition=True)
 
 
 def test_buckets_that_differ_in_more_than_shapes_are_refused():
