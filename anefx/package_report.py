@@ -334,6 +334,10 @@ def report_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if (path / MANIFEST).is_file():
         return _llm_json(path)
+    if path.suffix == ".aimodel":  # a Core AI model: its program read back from the asset (anefx.lower.coreai_report)
+        from anefx.lower.coreai_report import aimodel_json
+
+        return aimodel_json(path)
     default, programs = _programs(path)
     several = len(programs) > 1
     return {"kind": "mlpackage", "path": str(path), "function": default, "functions": list(programs),

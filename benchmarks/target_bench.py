@@ -71,6 +71,14 @@ def run(model_name: str, target: str, quick: bool) -> dict:
 SUMMARY = ("conv", "linear", "matmul", "softmax", "layout_ops", "max_rank", "largest_dim")
 
 
+def summary(figures: dict, key: str) -> str:
+    """One cell: layout ops summed over their kinds, the largest dimension's size."""
+    value = figures[key]
+    if key == "layout_ops":
+        return str(sum(value.values()))
+    return str(value["size"] if key == "largest_dim" else value)
+
+
 def render(rows: list[dict], command: str) -> str:
     lines = [f"Measured with `{command}` (Linux, 2 cores, shared; each pair in a fresh process).", "",
              "| model | target | compile | of which lowering | peak RSS | RSS added by lowering | "
@@ -82,7 +90,7 @@ def render(rows: list[dict], command: str) -> str:
         f = r["figures"]
         lines.append(f"| {r['model']} | {r['target']} | {r['compile_s']:.1f} s | {r['lower_s']:.1f} s | "
                      f"{r['peak_rss'] / GIB:.2f} GiB | {r['lowering_rss'] / GIB:.2f} GiB | "
-                     + " | ".join(str(f[k]) for k in SUMMARY) + " |")
+                     + " | ".join(summary(f, k) for k in SUMMARY) + " |")
     for r in rows:
         if "error" not in r:
             ops = ", ".join(f"{op} {n}" for op, n in r["figures"]["ops"].items() if op not in ("const", "constant"))

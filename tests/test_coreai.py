@@ -192,5 +192,26 @@ def test_doctor_reports_coreai():
 
 def test_report_json_is_one_object_with_ops(small, tmp_path):
     _, _, c = small
-    figures = json.loads(json.dumps(c.artifact.report()))
-    assert figures["format"] == "aimodel" and figures["ops"]["conv2d"] == 2 and figures["max_rank"] <= 4
+    path = c.save(tmp_path / "net")
+    result = runner.invoke(app, ["report", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    assert figures["kind"] == "aimodel" and figures["ops"]["conv2d"] == 2 and figures["ops"]["layer_norm"] == 1
+    assert figures["largest_dim"]["size"] == 64 and figures["max_rank"] <= 4 and figures["linear"] == 0
+
+
+def test_both_formats_report_the_same_structure(compile_zoo, tmp_path):
+    """One rewritten graph, two formats: the same projections, per-head softmaxes and attention matmuls
+    (Core ML's per-head einsums, Core AI's batched matmuls), read back from each saved model."""
+    from anefx.lower.target import saved_figures
+
+    _, _, _, c = compile_zoo("llama")
+    coreml = saved_figures(c.save(tmp_path / "llama.mlpackage"))
+    coreai = saved_figures(lowering_target("coreai").lower(
+        c.rewritten, input_names=c.input_names, output_names=c.output_names, options=LoweringOptions()
+    ).save(tmp_path / "llama"))
+    assert (coreml["format"], coreai["format"]) == ("mlpackage", "aimodel")
+    for key in ("conv", "linear", "matmul", "softmax", "max_rank"):
+        assert coreml[key] == coreai[key], (key, coreml[key], coreai[key])
+    assert (coreml["conv"], coreml["softmax"], coreml["matmul"]) == (15, 8, 16)
+    assert coreml["ops"]["layer_norm"] == coreai["ops"]["layer_norm"] == 5

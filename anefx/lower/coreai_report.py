@@ -37,8 +37,8 @@ class AimodelReport:
     ops: Counter = field(default_factory=Counter)  # the main graph's ops, composites by name
     softmax_shapes: Counter = field(default_factory=Counter)  # (shape, axis) → count
     weight_matmuls: int = 0  # matmuls reading a weight (a constant, maybe transposed): projections not as conv
-    max_rank: int = 0
-    largest_dim: int = 0
+    ranks: Counter = field(default_factory=Counter)  # rank → how many op results have it (every graph)
+    largest_shape: list[int] = field(default_factory=list)  # the op result with the largest dimension
 
     @property
     def conv(self) -> int:
@@ -52,15 +52,35 @@ class AimodelReport:
     def layout_ops(self) -> int:
         return sum(self.ops[t] for t in LAYOUT)
 
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks, default=0)
+
+    @property
+    def largest_dim(self) -> int:
+        return max(self.largest_shape, default=0)
+
     def as_json(self) -> dict[str, Any]:
-        return {"format": "aimodel", "path": str(self.path), "ops": dict(self.ops.most_common()),
+        """The keys of a .mlpackage's `anefx report --json` (kind, ops, op_count, ranks, largest_dim,
+        layout_ops by op) and the structural figures both formats share (conv, linear, matmul, softmax…)."""
+        return {"kind": "aimodel", "format": "aimodel", "path": str(self.path),
+                "ops": dict(sorted(self.ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+                "op_count": sum(n for op, n in self.ops.items() if op not in ("constant", "output")),
                 "inputs": {k: {"shape": s, "dtype": d} for k, (s, d) in self.inputs.items()},
                 "outputs": {k: {"shape": s, "dtype": d} for k, (s, d) in self.outputs.items()},
+                "ranks": {str(r): n for r, n in sorted(self.ranks.items())},
+                "largest_dim": {"size": self.largest_dim, "shape": self.largest_shape},
+                "layout_ops": {op: self.ops[op] for op in LAYOUT},
                 "conv": self.conv, "linear": 0, "matmul": self.matmul, "weight_matmuls": self.weight_matmuls,
                 "softmax": self.ops["softmax"],
                 "softmax_shapes": [{"shape": list(s), "axis": a, "count": n}
                                    for (s, a), n in self.softmax_shapes.items()],
-                "layout_ops": self.layout_ops, "max_rank": self.max_rank, "largest_dim": self.largest_dim}
+                "max_rank": self.max_rank}
+
+
+def aimodel_json(path: str | Path) -> dict[str, Any]:
+    """`anefx report X.aimodel --json`: one JSON-ready dict (see AimodelReport.as_json)."""
+    return aimodel_report(path).as_json()
 
 
 def is_aimodel(path: str | Path) -> bool:
@@ -177,8 +197,9 @@ def _measure(report: AimodelReport, graph: Any) -> None:
     for op in _body(graph):
         for value in op.results:
             shape = _shape(value.type)
-            report.max_rank = max(report.max_rank, len(shape))
-            report.largest_dim = max(report.largest_dim, *shape, 0)
+            report.ranks[len(shape)] += 1
+            if max(shape, default=0) > report.largest_dim:
+                report.largest_shape = shape
 
 
 def _id(value: Any) -> int:

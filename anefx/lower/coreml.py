@@ -259,8 +259,6 @@ def mil_histogram(mlmodel: Any, include_const: bool = False) -> Counter:
 
 # -- the Core ML target in the lowering interface (anefx.lower.target) ----------------------------------------
 
-LAYOUT_OPS = ("transpose", "reshape", "expand_dims", "squeeze")
-
 
 @dataclass
 class CoreMLArtifact:
@@ -325,16 +323,14 @@ TARGET = CoreMLTarget()
 
 
 def mlpackage_figures(path: str | Path) -> dict[str, Any]:
-    """A saved .mlpackage's op histogram (MIL op types, consts left out) and structural figures, the same keys
-    as a .aimodel's (anefx.lower.coreai_report)."""
-    from anefx.package_report import package_report
+    """A saved .mlpackage's `anefx report --json` (anefx.package_report.report_json) with the structural figures
+    a .aimodel's report has too (conv, linear, matmul — per-head einsums included —, softmax, max_rank)."""
+    from anefx.package_report import package_report, report_json
 
-    report = package_report(path)
+    figures, report = report_json(path), package_report(path)
     ops = report.histogram
-    softmax = Counter((t.shape, None) for t in report.tensors if t.op == "softmax")
-    return {"format": "mlpackage", "path": str(path), "ops": dict(ops.most_common()),
-            "conv": ops["conv"], "linear": ops["linear"], "matmul": ops["matmul"] + ops["einsum"],  # per-head einsums
-            "softmax": ops["softmax"],
-            "softmax_shapes": [{"shape": list(s), "count": n} for (s, _), n in softmax.items()],
-            "layout_ops": sum(ops[t] for t in LAYOUT_OPS), "max_rank": max(report.ranks, default=0),
-            "largest_dim": max((max(t.shape) for t in report.tensors if t.shape), default=0)}
+    softmax = Counter(t.shape for t in report.tensors if t.op == "softmax")
+    return {**figures, "format": "mlpackage", "conv": ops["conv"], "linear": ops["linear"],
+            "matmul": ops["matmul"] + ops["einsum"], "softmax": ops["softmax"],
+            "softmax_shapes": [{"shape": list(s), "count": n} for s, n in softmax.items()],
+            "max_rank": max(report.ranks, default=0)}
