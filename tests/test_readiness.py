@@ -92,7 +92,8 @@ def test_report_json_of_an_llm_folder_has_one_entry_per_chunk(wide, fit, tmp_pat
     for i, package in enumerate((fit, wide)):
         (folder / f"chunk_{i}.mlpackage").symlink_to(package, target_is_directory=True)
         function = FunctionSpec(inputs=[TensorSpec("x", [1, 1], "float16")], outputs=[], ops=4)
-        chunks.append(ChunkSpec(file=f"chunk_{i}.mlpackage", layers=[i, i + 1], functions={"main": function},
+        chunks.append(ChunkSpec(file=f"chunk_{i}.mlpackage", layers=[i, i + 1],
+                                functions={"prefill": function, "decode": function},
                                 states=[TensorSpec("cache", [1, 4, 1, 40], "float16")], bytes=1, largest_dim=1))
     manifest = LLMManifest(model="Tiny", context_length=40, cache_length=64, prefill_length=8, vocab_size=1,
                            output="logits", logits_pieces=[1], eos_token_ids=[], precision="fp16",
@@ -104,6 +105,8 @@ def test_report_json_of_an_llm_folder_has_one_entry_per_chunk(wide, fit, tmp_pat
     assert {c["op"].split(":")[0] for c in data["constraints"]} == {"chunk_1.mlpackage main"}
     printed = runner.invoke(app, ["report", str(folder), "--json"])
     assert printed.exit_code == 0 and json.loads(printed.stdout)["chunks"][1]["states"][0]["shape"] == [1, 4, 1, 40]
+    text = runner.invoke(app, ["report", str(folder)])
+    assert text.exit_code == 0 and "constraints broken: 4" in " ".join(text.stdout.split())
 
 
 @pytest.mark.skipif(can_plan(), reason="CoreML's compute plan is available here")
