@@ -5,15 +5,15 @@ op registry, where anefx's own converters are registered too), when the user nam
 unpacks the result of such a node. The other nodes are scheduled into as few convertible regions as the graph's
 dependencies allow; a region too small to be worth a package (a few ops, no weights) joins the CPU side.
 
-`cpu_ops` entries: an ATen op name, "aten.histc" (every overload) or "aten.histc.default" (one overload), or a
-module path as `model.named_modules()` spells it, "encoder.layer.1.attention" (that module and everything inside
-it). An entry that matches nothing is an `OptionError` naming what the model has.
+`cpu_ops` entries: an op name as torch prints it, "aten.histc" (every overload), "aten.histc.default" (one
+overload), "mylib.my_op" (a custom op), or a module path as `model.named_modules()` spells it,
+"encoder.layer.1.attention" (that module and everything inside it). An entry that matches nothing is an
+`OptionError` naming what the model has. A tuple's `getitem` runs where the op that made the tuple runs.
 """
 
 from __future__ import annotations
 
 import operator
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,8 +24,6 @@ from anefx.errors import OptionError
 from anefx.graph import constant_inputs, module_path
 
 SMALL_REGION_OPS = 4  # a region of at most this many ops that reads no weight runs on the CPU side
-_OP_NAME = re.compile(r"^[a-z_][a-z0-9_]*\.[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?$")
-_OP_NAMESPACES = ("aten.", "prims.", "anefx.")
 
 
 @dataclass
@@ -89,14 +87,10 @@ def check_cpu_ops(cpu_ops: Sequence[str] | None) -> list[str]:
     return list(cpu_ops)
 
 
-def is_op_entry(entry: str) -> bool:
-    return entry.startswith(_OP_NAMESPACES) and _OP_NAME.match(entry) is not None
-
-
 def named_by(node: fx.Node, entry: str) -> bool:
-    if is_op_entry(entry):
-        name = op_name(node)
-        return name == entry or name.rsplit(".", 1)[0] == entry
+    """Whether a cpu_ops entry names the node: its op (with or without the overload) or a module it is in."""
+    if hasattr(node.target, "_schema") and entry in (op_name(node), op_name(node).rsplit(".", 1)[0]):
+        return True
     path = module_path(node)
     return path == entry or path.startswith(entry + ".")
 
@@ -112,10 +106,11 @@ def cpu_reasons(ep: ExportedProgram, cpu_ops: Sequence[str], rules_rewrite: froz
     reasons: dict[str, str] = {}
     for node in nodes:
         entry = next((e for e in cpu_ops if named_by(node, e)), None)
-        if entry is not None:
+        if node.target is operator.getitem:  # runs where its tuple is made (a package returns no tuple)
+            if node.args[0].name in reasons:
+                reasons[node.name] = f"unpacks the result of {node.args[0].name}, which runs on the CPU"
+        elif entry is not None:
             reasons[node.name] = f"named in cpu_ops ({entry!r})"
-        elif node.target is operator.getitem and node.args[0].name in reasons:
-            reasons[node.name] = f"unpacks the result of {node.args[0].name}, which runs on the CPU"
         elif op_name(node) not in rules_rewrite and converter_missing(node):
             reasons[node.name] = f"coremltools has no converter for {op_name(node)}"
     return reasons
@@ -124,9 +119,9 @@ def cpu_reasons(ep: ExportedProgram, cpu_ops: Sequence[str], rules_rewrite: froz
 def _unused_entries_message(unused: list[str], nodes: list[fx.Node]) -> str:
     ops = sorted({op_name(n).rsplit(".", 1)[0] for n in nodes if hasattr(n.target, "_schema")})
     paths = sorted({p for p in (module_path(n) for n in nodes) if p})
-    return (f"cpu_ops entries {', '.join(map(repr, unused))} name no node of the model. Name an op as 'aten.NAME' "
-            f"(ops here: {', '.join(ops[:12])}{' …' if len(ops) > 12 else ''}) or a module by its path "
-            f"(modules here: {', '.join(paths[:8])}{' …' if len(paths) > 8 else ''}).")
+    return (f"cpu_ops entries {', '.join(map(repr, unused))} name no node of the model. Name an op as torch prints "
+            f"it, e.g. 'aten.histc' (ops here: {', '.join(ops[:12])}{' …' if len(ops) > 12 else ''}), or a module by "
+            f"its path (modules here: {', '.join(paths[:8])}{' …' if len(paths) > 8 else ''}).")
 
 
 def plan_partition(ep: ExportedProgram, cpu_ops: Sequence[str] = (), extra_reasons: dict[str, str] | None = None,

@@ -29,7 +29,7 @@ from anefx.partition import (
     region_inputs,
     region_outputs,
 )
-from anefx.partition_manifest import FORMAT, VERSION, cpu_step, tensor_spec
+from anefx.partition_manifest import FORMAT, VERSION, PartitionError, cpu_step, tensor_spec
 from anefx.partitioned import PartitionedModel
 
 log = logging.getLogger("anefx")
@@ -57,6 +57,8 @@ def compile_partitioned(model: torch.nn.Module, example_args: Any, example_kwarg
     extra: dict[str, str] = {}
     for _attempt in range(len(specs) + 1):
         plan = plan_partition(cap.exported, cpu_ops, extra, rewritten_by_rules)
+        if not plan.packages:
+            raise PartitionError(_nothing_to_package(plan))
         weights = set(weight_names(cap.exported))
         values = record_values(cap, {n.name for s in plan.packages for n in region_inputs(s, weights)})
         try:
@@ -70,6 +72,13 @@ def compile_partitioned(model: torch.nn.Module, example_args: Any, example_kwarg
             continue
         return _partitioned(cap, plan, packages, specs, options)
     raise AssertionError("unreachable: every retry moves at least one node to the CPU side")
+
+
+def _nothing_to_package(plan: PartitionPlan) -> str:
+    ops = sorted({op_name(n) for n in plan.cpu_nodes if not plan.reasons[n.name].startswith("folded")})
+    return (f"no region of the model is left for a package: every op runs on the CPU (kept there: "
+            f"{', '.join(ops[:6])}{' …' if len(ops) > 6 else ''}; what remains is too small to be worth a package). "
+            "Name fewer ops or modules in cpu_ops, or run the model in torch.")
 
 
 def ops_rules_rewrite(cap: Captured, options: dict[str, Any]) -> frozenset[str]:

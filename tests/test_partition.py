@@ -126,6 +126,9 @@ def test_bad_options_name_the_fix():
     message = str(info.value)
     assert "'aten.nothing', 'encoder.layer.1' name no node of the model" in message
     assert "aten.histc" in message and "first.lin" in message  # what the model has
+    with pytest.raises(PartitionError, match="no region of the model is left for a package") as info:
+        anefx.compile(model, (X,), partition=True, cpu_ops=["first", "second"], rules=[])
+    assert "Name fewer ops or modules in cpu_ops" in str(info.value)
 
 
 def test_lowering_error_names_every_unconvertible_node_and_partition():
@@ -297,6 +300,11 @@ class Scaled(nn.Module):
 
     def forward(self, x):
         return self.out(torch.ops.anefx_test.scaled(self.lin(x)))
+
+
+def test_cpu_ops_names_a_custom_op_as_torch_prints_it():
+    plan = _plan(Scaled(), torch.randn(1, 8), ["anefx_test.scaled"])
+    assert plan.reasons == {"scaled": "named in cpu_ops ('anefx_test.scaled')"} and len(plan.packages) == 2
 
 
 @pytest.mark.slow
