@@ -221,3 +221,67 @@ def test_plot_writes_a_png(tmp_path):
                         np.uint8).reshape(height, width * 3 + 1)[:, 1:].reshape(height, width, 3)
     blue = (raw == np.array([31, 119, 180], np.uint8)).all(-1)
     assert blue.sum() >= 3 * 49  # three 7×7 points (and the lines joining them)
+
+
+# -- the command line -------------------------------------------------------------------------------------
+
+def test_cli_refuses_an_unknown_mode_before_loading(tmp_path):
+    from typer.testing import CliRunner
+
+    from anefx.cli import app
+
+    result = CliRunner().invoke(app, ["quantize-report", str(tmp_path / "missing.py:make"), "--modes", "int8,lut5"])
+    assert result.exit_code == 2
+    assert "lut5" in result.output and "int8, lut8, lut6, lut4" in " ".join(result.output.split())
+
+
+# -- LLMs (slow) ------------------------------------------------------------------------------------------
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)).eval()
+
+
+def _blob_offsets(function, compressed_only: bool = False) -> set[int]:
+    """Offsets in weight.bin of the values a function reads from it: every const, or only the arguments of its
+    constexpr ops (the quantized weights)."""
+    block = function.block_specializations[function.opset]
+    values = [] if compressed_only else [op.attributes["val"] for op in block.operations if op.type == "const"]
+    values += [b.value for op in block.operations for arg in op.inputs.values() for b in arg.arguments
+               if b.WhichOneof("binding") == "value" and (not compressed_only or op.type.startswith("constexpr_"))]
+    return {v.blobFileValue.offset for v in values if v.WhichOneof("value") == "blobFileValue"}
+
+
+@pytest.mark.slow
+def test_quantized_llm_stores_each_weight_once_and_generates():
+    from anefx.mil.blob import BlobFile
+    from anefx.mlpackage import load_spec, program_ops
+
+    lm = anefx.compile_llm(_tiny_llama(), context_length=32, prefill_length=8, quantize="lut4", progress=False)
+    assert lm.package_check.ok and lm.package_check.min_psnr == 15.0
+    path = Path(lm.folder) / lm.manifest.chunks[0].file
+    for fn in ("prefill", "decode"):  # 2 layers × 7 projections, the embedding and the head
+        assert sum(1 for r in program_ops(path, fn) if r.type == "constexpr_lut_to_dense") == 16
+    functions = load_spec(path).mlProgram.functions
+    blob = BlobFile(path / "Data" / "com.apple.CoreML" / "weights" / "weight.bin")
+    offsets = {fn: _blob_offsets(functions[fn]) for fn in ("prefill", "decode")}
+    quantized = {fn: _blob_offsets(functions[fn], compressed_only=True) for fn in offsets}
+    assert quantized["prefill"] == quantized["decode"] and len(quantized["decode"]) == 2 * 16  # lut + indices each
+    one_function = max(sum(blob.entry(o)[1] for o in found) for found in offsets.values())
+    assert blob.data.size <= 1.05 * one_function
+    tokens = lm.generate(torch.randint(0, 1024, (1, 6)), max_new_tokens=4, stop_at_eos=False)
+    assert len(tokens) == 4 and all(0 <= t < 1024 for t in tokens)
+
+
+@pytest.mark.slow
+def test_quantize_report_on_a_causal_lm_measures_tokens():
+    model = _tiny_llama()
+    report = anefx.quantize_report(model, (torch.randint(0, 1024, (1, 16)),), progress=False)
+    assert report.decoder and report.row("fp16").top1_agreement == 1.0
+    assert abs(report.row("int8").perplexity / report.row("fp16").perplexity - 1) < 0.05
+    assert all(r.top1_agreement >= 0.5 and np.isfinite(r.perplexity) for r in report.rows)
+    sizes = [r.bytes for r in report.rows]
+    assert sizes == sorted(sizes, reverse=True)
