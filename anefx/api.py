@@ -32,7 +32,7 @@ def compile(model: torch.nn.Module, example_args: Any, example_kwargs: dict | No
             partition: bool = False, cpu_ops: Sequence[str] | None = None, target: str = "coreml") -> CompiledModel:
     """Compile `model` for the example inputs into a CoreML ML program (target="coreai": a Core AI model).
     See docs/api.md."""
-    check_quantize(quantize, deployment_target, locals().get("target", "coreml"))  # anefx.quantize
+    check_quantize(quantize, deployment_target, target)  # anefx.quantize: before any work
     if target != "coreml":  # another Apple format, same capture and rules (anefx.lower.target)
         from anefx.lower.target import compile_to_target
 
