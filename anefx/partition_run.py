@@ -42,7 +42,7 @@ def check_partition_options(partition: Any, cpu_ops: Any) -> list[str]:
     entries = check_cpu_ops(cpu_ops)
     if cpu_ops is not None and not partition:
         raise OptionError("cpu_ops= keeps nodes in torch, which only a partitioned compile can do: pass "
-                          "partition=True as well.")
+                          "partition=True as well (--partition with --cpu-ops on the command line).")
     return entries
 
 
@@ -62,7 +62,8 @@ def compile_partitioned(model: torch.nn.Module, example_args: Any, example_kwarg
         weights = set(weight_names(cap.exported))
         values = record_values(cap, {n.name for s in plan.packages for n in region_inputs(s, weights)})
         try:
-            packages = [compile_region(cap.exported, s, values, options) for s in plan.packages]
+            packages = [compile_region(cap.exported, s, values, _with_progress(options, f"package {i}"))
+                        for i, s in enumerate(plan.packages)]
         except LoweringError as exc:
             named = _nodes_named_by(exc, plan)
             if not named:
@@ -72,6 +73,14 @@ def compile_partitioned(model: torch.nn.Module, example_args: Any, example_kwarg
             continue
         return _partitioned(cap, plan, packages, specs, options)
     raise AssertionError("unreachable: every retry moves at least one node to the CPU side")
+
+
+def _with_progress(options: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The options, a progress callable naming the package each stage belongs to."""
+    say = options.get("progress")
+    if not callable(say):
+        return options
+    return {**options, "progress": lambda stage: say(f"{prefix}: {stage}")}
 
 
 def _nothing_to_package(plan: PartitionPlan) -> str:

@@ -186,12 +186,21 @@ def _package_runner(path: Path, step: dict[str, Any], precision: str) -> Package
     return lambda tensors: runner(**{n: to_numpy(t) for n, t in zip(names, tensors, strict=True)})
 
 
-def _notice_off_macos(precision: str) -> None:
-    if sys.platform != "darwin":
-        from anefx.compiled import _notice_once
+_NOTICE_SHOWN = False
 
-        _notice_once("CoreML cannot run on this OS: anefx runs the saved ML programs in its own MIL interpreter "
-                     f"instead ({precision} emulated in numpy); the CPU steps run in torch.")
+
+def _notice_off_macos(precision: str) -> None:
+    """Once per process, at the caller's line: off macOS the packages run in anefx's MIL interpreter."""
+    global _NOTICE_SHOWN
+    if sys.platform != "darwin" and not _NOTICE_SHOWN:
+        import warnings
+
+        from anefx.compiled import AnefxNotice
+
+        _NOTICE_SHOWN = True
+        warnings.warn("CoreML cannot run on this OS: anefx runs the saved ML programs in its own MIL interpreter "
+                      f"instead ({precision} emulated in numpy); the CPU steps run in torch.", AnefxNotice,
+                      stacklevel=3)
 
 
 def partition_report(manifest: dict[str, Any]) -> str:
