@@ -153,9 +153,13 @@ def test_cpu_step_runs_from_its_manifest_entry():
 
 def test_partitioned_compile_matches_the_model_cheaply():
     """No rules, no package check: the seams, the steps and the numbers (interpreter, fp32)."""
-    model = HistNet().eval()
+    model = HistNet().train()
+    before = {k: (v.clone(), v._version) for k, v in model.state_dict(keep_vars=True).items()}
     c = anefx.compile(model, (X,), partition=True, precision="fp32", rules=[], package_check="skip")
     assert [s["kind"] for s in c.manifest["steps"]] == ["package", "cpu", "package"] and len(c.packages) == 2
+    assert model.training and all(torch.equal(v, before[k][0]) and v._version == before[k][1]  # not modified
+                                  for k, v in model.state_dict(keep_vars=True).items())
+    model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AnefxNotice)
         assert _relative(c(X), model(X).detach()) <= 1e-4
