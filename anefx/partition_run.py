@@ -192,11 +192,11 @@ def _is_scalar(node: fx.Node) -> bool:
 def _partitioned(cap: Captured, plan: PartitionPlan, packages: list, values: dict[str, Any],
                  options: dict[str, Any]) -> PartitionedModel:
     ep, weights = cap.exported, weight_names(cap.exported)
-    steps, package_iter = [], iter(packages)
-    for index, segment in enumerate(s for s in plan.segments):
+    steps, numbered = [], iter(enumerate(packages))
+    for segment in plan.segments:
         if segment.kind == "package":
-            steps.append(package_step(ep, segment, next(package_iter), values, len([
-                s for s in plan.segments[:index] if s.kind == "package"])))
+            number, compiled = next(numbered)
+            steps.append(package_step(ep, segment, compiled, values, number))
         else:
             steps += [cpu_step(n, values, plan.reasons.get(n.name, "")) for n in segment.nodes]
     outputs = list(ep.graph_module.graph.output_node().args[0])
