@@ -320,6 +320,10 @@ def report_command(package: Annotated[Path, typer.Argument(
         report_extras(package, as_json=as_json, plan=plan, compute_units=compute_units, console=console)
         if as_json:
             return
+    if (package / "partition.json").is_file():  # a folder of compile --partition (anefx.partition_cli)
+        from anefx.partition_cli import partition_folder_report
+
+        return partition_folder_report(console, package)
     if (package / MANIFEST).is_file():
         _llm_report(package)
         console.print(llm_constraints(package))

@@ -46,3 +46,17 @@ def compile_partitioned_command(console: Console, target: str, examples: list[st
     console.print(f"wrote [bold]{escape(str(path))}[/] ({len(compiled.packages)} package(s), "
                   f"{len(compiled.cpu_steps)} CPU step(s), {MANIFEST}; inputs: {', '.join(compiled.input_names)}; "
                   f"outputs: {', '.join(compiled.output_names)})")
+
+
+def partition_folder_report(console: Console, folder: Path) -> None:
+    """`anefx report FOLDER` for a partitioned model: its steps and why, then each package's readiness tables."""
+    from anefx.package_report import package_report, report_tables
+    from anefx.partition_manifest import SavedPartition
+    from anefx.partitioned import partition_report
+
+    saved = SavedPartition.read(folder)
+    console.print(escape(partition_report(saved.data)), highlight=False)
+    for step in (s for s in saved.data["steps"] if s["kind"] == "package"):
+        console.print(f"\n[bold]{escape(step['package'])}[/]")
+        for table in report_tables(package_report(folder / step["package"])):
+            console.print(table)
