@@ -127,7 +127,8 @@ def rank_note(snapshots: list[tuple[str, ExportedProgram]]) -> str:
             "rules=[] keeps the plain form")
 
 
-CORRECTNESS_STAGES = ("sdpa_masked_rows",)  # rules that make the program right, not faster
+# rules that make the program right (or lowerable at all: coremltools converts no unfold and no FFT), not faster
+CORRECTNESS_STAGES = ("sdpa_masked_rows", "fft_to_dft", "unfold_to_conv")
 
 
 def never_worse_layout(records: list[PassRecord], snapshots: list[tuple[str, ExportedProgram]]) -> ExportedProgram:

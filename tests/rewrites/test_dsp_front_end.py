@@ -108,6 +108,17 @@ def test_a_constant_window_is_folded_into_the_dft_weights():
     torch.testing.assert_close(after.module()(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_angle_of_a_negative_real_bin_is_pi_in_the_lowered_program():
+    # coremltools lowers atan2(0, x < 0) to 0; torch.angle gives π there (the DC bin of a negative-mean signal)
+    x = torch.tensor([[-1.0, -2.0, 0.5, -3.0, -0.25, -1.5, 1.0, -2.5]])
+    model = Spectrum(torch.fft.rfft, None, None, "angle").eval()
+    c = anefx.compile(model, (x,), precision="fp32", rules=[FFT_RULE])
+    angle = next(iter(c.predict(x, precision="fp32").values()))
+    expected = model(x).numpy()
+    assert expected[0, 0] == pytest.approx(math.pi)  # the case: a negative DC bin, imaginary part exactly 0
+    np.testing.assert_allclose(angle, expected, atol=1e-5)
+
+
 class PowerSpectrogram(torch.nn.Module):
     def __init__(self):
         super().__init__()
