@@ -119,6 +119,16 @@ def test_angle_of_a_negative_real_bin_is_pi_in_the_lowered_program():
     np.testing.assert_allclose(angle, expected, atol=1e-5)
 
 
+def test_the_never_worse_guard_keeps_an_unfold_rewrite_that_adds_layout_ops():
+    # over a middle axis the rewrite adds transposes that plain coremltools would not have, but plain cannot lower
+    # unfold at all: rolling it back would fail the compile
+    x = torch.randn(2, 21, 3)
+    model = Unfold(1, 4, 2).eval()
+    c = anefx.compile(model, (x,), precision="fp32")
+    assert {p.name: p.status for p in c.passes}["unfold_to_conv"] == "applied"
+    np.testing.assert_allclose(next(iter(c.predict(x, precision="fp32").values())), model(x).numpy(), atol=1e-6)
+
+
 class PowerSpectrogram(torch.nn.Module):
     def __init__(self):
         super().__init__()
