@@ -239,7 +239,7 @@ def human_bytes(n: float) -> str:
 
 
 def report_tables(report: PackageReport) -> list[Any]:
-    """Rich renderables: op histogram, ranks, limits and padding, ops the ANE cannot run."""
+    """Rich renderables: op histogram, ranks, limits and padding, ops the ANE cannot run, weights, constraints."""
     from rich.table import Table
 
     ops = Table(title=f"{report.path.name}: MIL ops (non-const)")
