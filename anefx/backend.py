@@ -8,9 +8,11 @@ signature (shapes, dtypes, and the values of numbers dynamo passes, e.g. symboli
 
 The program computes the graph's tensor outputs; what must stay exactly as eager has it (inputs returned
 as they are or as views, ints and sizes, tensors of module state only) is computed by torch on every call
-(`backend_graph.OutputPlan`). A graph anefx cannot compile runs in torch, with one `AnefxNotice` saying
-why (`options={"fallback": False}` makes that an error). Option errors are raised when the compiled model
-is first called, as the `AnefxError` itself (dynamo would wrap an error of the backend call in its own).
+(`backend_graph.OutputPlan`). A graph with an op coremltools cannot lower is partitioned (anefx.partition_run:
+that op in torch, the rest as packages, one `AnefxNotice` naming the ops). A graph anefx cannot compile
+otherwise runs in torch, with one `AnefxNotice` saying why (`options={"fallback": False}` makes that an
+error). Option errors are raised when the compiled model is first called, as the `AnefxError` itself (dynamo
+would wrap an error of the backend call in its own).
 
 On macOS each call runs the CoreML model; elsewhere the verified rewritten graph runs in torch, with one
 notice saying so.
