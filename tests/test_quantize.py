@@ -285,3 +285,11 @@ def test_quantize_report_on_a_causal_lm_measures_tokens():
     assert all(r.top1_agreement >= 0.5 and np.isfinite(r.perplexity) for r in report.rows)
     sizes = [r.bytes for r in report.rows]
     assert sizes == sorted(sizes, reverse=True)
+
+
+def test_quantize_is_refused_for_another_target():
+    from anefx.quantize_apply import check_quantize
+
+    with pytest.raises(OptionError, match="target='coreml'"):
+        check_quantize("int8", "iOS18", "coreai")
+    check_quantize(None, "iOS15", "coreai")  # nothing asked, nothing refused
