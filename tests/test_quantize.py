@@ -182,6 +182,12 @@ def test_per_part_mapping_puts_each_mode_on_its_part(tiny, tmp_path):
     assert palettes == [16, 16, 64]  # conv and fc: lut4; the head: lut6
 
 
+def test_a_dict_naming_only_the_head_keeps_the_rest_fp16(tiny, tmp_path):
+    _, plan, path = _quantized(tiny, {"head": "int8"}, tmp_path)
+    assert sorted(m for _, m in plan.weights.values()) == ["fp16", "fp16", "fp16", "int8"]
+    assert histogram(path)["constexpr_blockwise_shift_scale"] == 1 and not histogram(path)["constexpr_lut_to_dense"]
+
+
 def test_compile_with_quantize_records_it_and_checks_the_package(tiny):
     model, ids, _ = tiny
     compiled = anefx.compile(model, (ids,), quantize="lut6", progress=False)
