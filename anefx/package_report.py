@@ -328,12 +328,13 @@ def constraints_table(found: list[Constraint]) -> Any:
 
 def report_json(path: str | Path) -> dict[str, Any]:
     """Everything `anefx report` shows, as one JSON-ready dict: a .mlpackage (every function, the default one's
-    figures at the top level), or a compiled LLM folder (per chunk). Other formats extend this function."""
-    from anefx.llm.manifest import MANIFEST
+    figures at the top level), a compiled LLM folder (per chunk) or a partitioned model's folder (per package).
+    Other formats extend this function."""
+    from anefx.folder_report_json import folder_report_json
 
     path = Path(path)
-    if (path / MANIFEST).is_file():
-        return _llm_json(path)
+    if path.is_dir() and (folder := folder_report_json(path)) is not None:
+        return folder
     if path.suffix == ".aimodel":  # a Core AI model: its program read back from the asset (anefx.lower.coreai_report)
         from anefx.lower.coreai_report import aimodel_json
 
@@ -376,20 +377,3 @@ def program_json(report: PackageReport) -> dict[str, Any]:
         "unsupported": {op: {"count": n, "reason": why} for op, (n, why) in report.unsupported.items()},
         "constraints": [asdict(c) for c in constraints(report)],
     }
-
-
-def _llm_json(folder: Path) -> dict[str, Any]:
-    from anefx.llm.manifest import LLMManifest
-
-    manifest = LLMManifest.read(folder)
-    chunks = []
-    for chunk in manifest.chunks:
-        default, programs = _programs(folder / chunk.file)
-        chunks.append({"file": chunk.file, "layers": chunk.layers, "bytes": chunk.bytes,
-                       "largest_dim": chunk.largest_dim, "function": default, "functions": list(programs),
-                       "states": programs[default]["states"], "programs": programs,
-                       "constraints": _tagged(programs, lambda name, file=chunk.file: f"{file} {name}: ")})
-    return {"kind": "llm", "path": str(folder), "model": manifest.model, "context_length": manifest.context_length,
-            "cache_length": manifest.cache_length, "prefill_length": manifest.prefill_length,
-            "output": manifest.output, "precision": manifest.precision, "chunks": chunks,
-            "constraints": [c for chunk in chunks for c in chunk["constraints"]]}

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
+import anefx
 from anefx.cli import app
 from anefx.compute_plan import ComputePlan, PlannedOp, can_plan, plan_json, plan_tables, planned_ops
 from anefx.llm.manifest import MANIFEST, ChunkSpec, FunctionSpec, LLMManifest, TensorSpec
@@ -162,3 +164,25 @@ def test_compute_plan_formatting_from_a_plan_object():
     text = console.export_text()
     assert "estimated cost on the Neural Engine: 70.0% (2 of 3 ops prefer it)" in text
     assert "gather" in text and "30.00%" in text
+
+
+class TwoPackages(torch.nn.Module):
+    """kthvalue has no coremltools converter: compiled with partition=True it runs on the CPU between packages."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.b(self.a(x) - torch.kthvalue(x, 3, -1, keepdim=True).values)
+
+
+@pytest.mark.slow
+def test_report_json_of_a_partitioned_folder_has_one_entry_per_package(tmp_path):
+    folder = anefx.compile(TwoPackages().eval(), (torch.randn(1, 4, 16),), partition=True).save(tmp_path / "split")
+    result = runner.invoke(app, ["report", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["kind"] == "partition" and "cpu" in data["steps"] and data["constraints"] == []
+    assert len(data["packages"]) == data["steps"].count("package") >= 1
+    assert all(p["programs"][p["function"]]["ops"] for p in data["packages"])
