@@ -40,20 +40,25 @@ def to_aimodel(ep, c, tmp_path, name="model"):
     return aimodel_report(artifact.save(tmp_path / name))
 
 
-def softmaxes(ep) -> int:
-    return sum(n.op == "call_function" and "softmax" in str(n.target) for n in ep.graph.nodes)
+def softmaxes(ep, rank: int | None = None) -> int:
+    """The program's softmaxes (of outputs of this rank)."""
+    return sum(n.op == "call_function" and "softmax" in str(n.target)
+               and (rank is None or n.meta["val"].dim() == rank) for n in ep.graph.nodes)
 
 
 def assert_ane_form(name, model, c, report):
     """Projections as convolutions (no linear, no matmul reading a weight), attention as the rewritten graph's
-    softmaxes, one per head over axis 1 of (B, S_k, 1, S_q), no SDPA, no tensor of rank 5."""
+    softmaxes, one per head over axis 1 of (B, S_k, 1, S_q), no SDPA, no tensor of rank 5 (decode included:
+    torch's own einsum decomposition went through rank 5 there, see anefx.lower.coreai.per_head_einsum)."""
     assert "linear" not in report.ops and report.weight_matmuls == 0, report.ops
     assert report.conv >= max(projections(model), 1), report.ops
     assert report.max_rank <= 4
     assert "scaled_dot_product_attention" not in report.ops
-    if name not in NO_ATTENTION:
-        assert report.ops["softmax"] == softmaxes(c.rewritten) >= 4, report.ops
-        assert all(len(s) == 4 and s[2] == 1 and axis == 1 for s, axis in report.softmax_shapes), report.softmax_shapes
+    if name not in NO_ATTENTION:  # attention: rank-4 softmaxes; a MoE router's softmax is rank 2
+        assert report.ops["softmax"] == softmaxes(c.rewritten), report.ops
+        per_head = {shape: n for shape, n in report.softmax_shapes.items() if len(shape[0]) == 4}
+        assert sum(per_head.values()) == softmaxes(c.rewritten, rank=4) >= 4, report.softmax_shapes
+        assert all(s[2] == 1 and axis == 1 for s, axis in per_head), report.softmax_shapes
 
 
 def families(fast: list[str]) -> list:
@@ -215,3 +220,24 @@ def test_both_formats_report_the_same_structure(compile_zoo, tmp_path):
         assert coreml[key] == coreai[key], (key, coreml[key], coreai[key])
     assert (coreml["conv"], coreml["softmax"], coreml["matmul"]) == (15, 8, 16)
     assert coreml["ops"]["layer_norm"] == coreai["ops"]["layer_norm"] == 5
+
+
+@pytest.mark.slow
+def test_compile_llm_target_coreai_has_prefill_decode_and_the_cache_as_states(tmp_path):
+    """A tiny Llama's prefill and decode in one .aimodel: the KV cache as 4 states, each written once per call by
+    a slice_update, and both programs in the ANE form."""
+    model, _, _ = anefx.zoo.build("llama")
+    lm = anefx.compile_llm(model, context_length=32, prefill_length=8, target="coreai", verify=False,
+                           package_check="skip")
+    path = lm.save(tmp_path / "tiny-llama")
+    assert path.suffix == ".aimodel" and lm.state_names == ["k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1"]
+    for fn, seq in (("prefill", 8), ("decode", 1)):
+        report = aimodel_report(path, fn)
+        assert report.functions == ["prefill", "decode"] and report.function == fn
+        assert set(report.inputs) == {*lm.state_names, "input_ids", "position"}
+        assert report.inputs["input_ids"] == ([1, seq], "si32") and report.outputs["logits"][0] == [1, seq, 1024]
+        assert report.ops["slice_update"] == 4 and "scatter_along_axis" not in report.ops, report.ops
+        assert report.conv >= 15 and report.weight_matmuls == 0 and report.max_rank <= 4, report.ops
+        assert report.ops["softmax"] == 8 and all(axis == 1 for _, axis in report.softmax_shapes)
+    with pytest.raises(OptionError, match="argmax_in_model= work with target='coreml' only"):
+        anefx.compile_llm(model, context_length=32, prefill_length=8, target="coreai", argmax_in_model=True)

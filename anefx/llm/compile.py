@@ -116,8 +116,17 @@ def compile_llm(model: torch.nn.Module, context_length: int = 256, prefill_lengt
                 max_chunk_ops: int = DEFAULT_CHUNK_OPS, rules: Sequence[Rule | str] | None = None,
                 verify: bool = True, precision: str = "fp16", deployment_target: str = "iOS18",
                 compute_units: str = "CPU_AND_NE", package_check: str = "warn",
-                progress: Progress = None, quantize: Any = None) -> CompiledLLM:
-    """Compile an HF causal LM into stateful CoreML chunks. See docs/llm.md."""
+                progress: Progress = None, quantize: Any = None, target: str = "coreml") -> CompiledLLM:
+    """Compile an HF causal LM into stateful CoreML chunks (target="coreai": one Core AI model). See docs/llm.md."""
+    if target != "coreml":  # anefx.lower.coreai_llm
+        from anefx.lower.target import lowering_target
+
+        lowering_target(target)  # known, its converter installed
+        from anefx.lower.coreai_llm import compile_llm_coreai
+
+        return compile_llm_coreai(model, context_length, prefill_length, rules=rules, verify=verify,
+                                  compute_units=compute_units, progress=progress, argmax_in_model=argmax_in_model,
+                                  quantize=quantize, precision=precision, deployment_target=deployment_target)
     from anefx.api import resolve_rules
     from anefx.package_check import CHECKS, report
     from anefx.quantize_apply import quantized_check

@@ -74,7 +74,12 @@ TARGET = CoreAITarget()
 
 def lower_coreai(ep: ExportedProgram, input_names: list[str], output_names: list[str],
                  state_names: list[str] | None = None) -> Any:
-    """The Core AI program (an AIProgram) of `ep`. `ep` itself is left as it is."""
+    """The Core AI program (an AIProgram) of `ep`, entry point `main`. `ep` itself is left as it is."""
+    return convert_staged([("main", ep, input_names, output_names, state_names or [])])
+
+
+def convert_staged(entries: list[tuple[str, ExportedProgram, list[str], list[str], list[str]]]) -> Any:
+    """One AIProgram with an entry point per (name, program, inputs, outputs, states)."""
     coreai_torch = require_coreai()
     converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)
     register_anefx_ops(converter)
@@ -82,9 +87,10 @@ def lower_coreai(ep: ExportedProgram, input_names: list[str], output_names: list
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
-            decomposed = ep.run_decompositions(coreai_torch.get_decomp_table())
-            converter.add_exported_program(decomposed, input_names=input_names, output_names=output_names,
-                                           state_names=state_names)
+            for name, ep, inputs, outputs, states in entries:
+                converter.add_exported_program(ep.run_decompositions(decompositions(coreai_torch)),
+                                               input_names=inputs, output_names=outputs, state_names=states,
+                                               entrypoint_name=name)
             return converter.to_coreai()
     except AnefxError:
         raise
@@ -94,6 +100,46 @@ def lower_coreai(ep: ExportedProgram, input_names: list[str], output_names: list
             "coreai-torch could not convert the rewritten program. Compile with target='coreml', or with "
             "rules=[] to see whether a rewrite is the cause; report the op named above if it is an anefx op.") \
             from exc
+
+
+def decompositions(coreai_torch: Any) -> dict:
+    """coreai-torch's table, with the per-head einsums as one batched matmul on rank-4 tensors."""
+    table = coreai_torch.get_decomp_table()
+    table[torch.ops.aten.einsum.default] = per_head_einsum
+    return table
+
+
+def per_head_einsum(equation: str, operands: list[torch.Tensor]) -> torch.Tensor:
+    """An einsum of two rank-4 operands sharing two batch axes (batch and head) and contracting one: a matmul whose
+    operands only move the batch axes to the front (a unit head axis moves for free). torch's own decomposition
+    goes through rank-5 views at one token (decode). Other einsums decompose as torch does."""
+    plan = _matmul_plan(equation, [t.dim() for t in operands])
+    if plan is None:
+        return torch.ops.aten.einsum.default.decompose(equation, operands)
+    (left, left_order), (right, right_order), out_order = plan
+    product = torch.matmul(operands[left].permute(left_order), operands[right].permute(right_order))
+    return product.permute(out_order)
+
+
+def _matmul_plan(equation: str, ranks: list[int]) -> tuple | None:
+    """((left operand, its permutation), (right operand, its permutation), the output's permutation) or None."""
+    inputs, _, out = equation.replace(" ", "").partition("->")
+    terms = inputs.split(",")
+    if len(terms) != 2 or ranks != [4, 4] or any(len(set(t)) != 4 for t in (*terms, out)) or "." in equation:
+        return None
+    batch = [c for c in out if c in terms[0] and c in terms[1]]
+    contracted = [c for c in terms[0] if c in terms[1] and c not in out]
+    free = [c for c in out if c not in batch]
+    if len(batch) != 2 or len(contracted) != 1 or len(free) != 2 or {*free} & {*terms[0]} == {*free}:
+        return None
+    left = 0 if free[0] in terms[0] else 1  # the operand of the output's first free axis: rows of the product
+    right = 1 - left
+    rows, cols = (batch + [free[0], contracted[0]]), (batch + [contracted[0], free[1]])
+    if free[1] not in terms[right]:
+        return None
+    result = batch + free
+    return ((left, [terms[left].index(c) for c in rows]), (right, [terms[right].index(c) for c in cols]),
+            [result.index(c) for c in out])
 
 
 def register_anefx_ops(converter: Any) -> None:
@@ -153,7 +199,8 @@ def _slice_write(values_map: dict, node: torch.fx.Node, loc: Any) -> Any:
     begin = coreai.concat(0, [v for v, n in zip((pieces[0], start, pieces[1]),
                                                  (axis, 1, x.type.rank - axis - 1), strict=True) if n])
     end = coreai.broadcasting_add(begin, coreai.constant(np.array(update.type.shape, dtype=np.int32)))
-    return coreai.slice_update(x, update, begin, end)
+    strides = coreai.constant(np.ones(x.type.rank, dtype=np.int32))
+    return coreai.slice_update(x, begin, end, strides, update)
 
 
 def _int32() -> Any:

@@ -39,6 +39,8 @@ class AimodelReport:
     weight_matmuls: int = 0  # matmuls reading a weight (a constant, maybe transposed): projections not as conv
     ranks: Counter = field(default_factory=Counter)  # rank → how many op results have it (every graph)
     largest_shape: list[int] = field(default_factory=list)  # the op result with the largest dimension
+    function: str = "main"  # the entry point counted
+    functions: list[str] = field(default_factory=list)  # every entry point of the model
 
     @property
     def conv(self) -> int:
@@ -63,7 +65,8 @@ class AimodelReport:
     def as_json(self) -> dict[str, Any]:
         """The keys of a .mlpackage's `anefx report --json` (kind, ops, op_count, ranks, largest_dim,
         layout_ops by op) and the structural figures both formats share (conv, linear, matmul, softmax…)."""
-        return {"kind": "aimodel", "format": "aimodel", "path": str(self.path),
+        return {"kind": "aimodel", "format": "aimodel", "path": str(self.path), "function": self.function,
+                "functions": self.functions,
                 "ops": dict(sorted(self.ops.items(), key=lambda kv: (-kv[1], kv[0]))),
                 "op_count": sum(n for op, n in self.ops.items() if op not in ("constant", "output")),
                 "inputs": {k: {"shape": s, "dtype": d} for k, (s, d) in self.inputs.items()},
@@ -88,18 +91,21 @@ def is_aimodel(path: str | Path) -> bool:
     return path.suffix == ".aimodel" and path.is_dir()
 
 
-def aimodel_report(path: str | Path) -> AimodelReport:
-    """Read the saved asset at `path` and count what its program does."""
+def aimodel_report(path: str | Path, function: str | None = None) -> AimodelReport:
+    """Read the saved asset at `path` and count what its program's entry point `function` does (anefx writes
+    `main`; a compiled LLM `prefill` and `decode`). Default: `main`, else the last entry point."""
     path = Path(path)
     module = _load_module(path)  # kept alive while its operations are read
     graphs = _graphs(module)
-    if "main" not in graphs:
-        raise AimodelReadError(f"{path} has no `main` function ({', '.join(graphs) or 'none'}); anefx writes "
-                               "one. Compile it again with anefx.compile(..., target='coreai').")
+    functions = entry_points(graphs)
+    function = function or ("main" if "main" in functions else functions[-1] if functions else "main")
+    if function not in graphs:
+        raise AimodelReadError(f"{path} has no function {function!r} (it has {', '.join(entry_points(graphs))}). "
+                               "Name one of those.")
     composites = {name: m.group(1) for name, op in graphs.items() if "composite_decl" in op.attributes
                   and (m := _COMPOSITE.search(str(op.attributes["composite_decl"])))}
-    main = graphs["main"]
-    report = AimodelReport(path, *_signature(main))
+    main = graphs[function]
+    report = AimodelReport(path, *_signature(main), function=function, functions=functions)
     weights = set()  # values that are constants, or constants moved by layout ops and casts
     for op in _body(main):
         name = _op_type(op, composites)
@@ -110,8 +116,9 @@ def aimodel_report(path: str | Path) -> AimodelReport:
             report.weight_matmuls += 1
         elif name == "softmax":
             report.softmax_shapes[(tuple(_shape(op.results[0].type)), _softmax_axis(op))] += 1
-    for graph in graphs.values():
-        _measure(report, graph)
+    for name, graph in graphs.items():  # the entry point and the helpers it may call, not other entry points
+        if name == function or name not in functions:
+            _measure(report, graph)
     return report
 
 
@@ -142,6 +149,12 @@ def _check_intact(path: Path, valid: bool) -> None:
     if hashlib.sha256(program.read_bytes()).digest() != digest.read_bytes():
         raise AimodelReadError(f"{path}/main.mlirb does not match main.hash: the file is damaged or was changed. "
                                "Save it again with c.save(...) or `anefx compile --target coreai`.")
+
+
+def entry_points(graphs: dict[str, Any]) -> list[str]:
+    """The graphs that are no composite or private helper: the model's functions."""
+    return [name for name, op in graphs.items()
+            if "priv" not in op.attributes and "composite_decl" not in op.attributes]
 
 
 def _graphs(module: Any) -> dict[str, Any]:
@@ -222,7 +235,7 @@ def aimodel_tables(report: AimodelReport) -> list[Any]:
                         ("softmax", softmax or "0"), ("layout ops (transpose, reshape, …)", report.layout_ops),
                         ("max rank", report.max_rank), ("largest dim", report.largest_dim)):
         structure.add_row(name, str(value))
-    histogram = Table(title="ops of main (composites by name)")
+    histogram = Table(title=f"ops of {report.function} (composites by name)")
     histogram.add_column("op")
     histogram.add_column("count", justify="right")
     for op, n in report.ops.most_common():
