@@ -217,11 +217,14 @@ def exact_in_float64(candidate: ExportedProgram, previous: ExportedProgram, x: t
 
 
 def _float64_fits(ep: ExportedProgram) -> bool:
-    """Whether a float64 copy of the program's weights (twice, for activations and the second program) fits
-    in the memory available now; a large model keeps the float32 verdict rather than exhaust memory."""
-    elements = sum(t.numel() for t in [*ep.state_dict.values(), *ep.constants.values()]
-                   if isinstance(t, torch.Tensor) and t.is_floating_point())
-    return elements * 8 * 2 < _available_bytes()
+    """Whether the float64 re-run fits in the memory available now. Weights are widened one at a time as
+    the program reads them (`_WideningInterpreter`), so the cost is activations and a few widened weights;
+    the largest weight, four times over, plus a fifth of the weights must fit. A program that does not fit
+    keeps the float32 verdict rather than exhaust memory."""
+    floats = [t for t in [*ep.state_dict.values(), *ep.constants.values()]
+              if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    largest = max((t.numel() for t in floats), default=0)
+    return 8 * (4 * largest + sum(t.numel() for t in floats) // 5) < _available_bytes()
 
 
 def _available_bytes() -> int:
@@ -237,26 +240,41 @@ def _available_bytes() -> int:
 
 def _run_float64(ep: ExportedProgram, example: tuple[tuple, dict],
                  states: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Run the program with inputs, states and weights in float64. States are widened up front (the program
+    writes them); every other float weight is widened when the program reads it and dropped after its last
+    use, so a large model never holds a float64 copy of all its weights."""
+    from torch.fx import _pytree as fx_pytree
+
     args, kwargs = example
     kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
     module = ep.module()
     fresh = stored_states(ep, logical_states(ep) if states is None else states)
-    constants = {name: value for name, value in ep.constants.items()
-                 if isinstance(value, torch.Tensor) and _attribute(module, name) is not None}
-    tensors = {**constants, **dict(module.named_parameters()), **dict(module.named_buffers()), **fresh}
     wide = pytree.tree_map_only(torch.Tensor, lambda t: t.double() if t.is_floating_point() else t,
-                                (tensors, args, kwargs))
-    weights, args, kwargs = wide
+                                (fresh, args, kwargs))
+    fresh, args, kwargs = wide
+    flat = fx_pytree.tree_flatten_spec((args, kwargs), module._in_spec)
     with torch.no_grad():
-        out = torch.func.functional_call(module, weights, args, kwargs)
-    written = {target: weights[target] for target in fresh}
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)] + restore_logical(ep, written)
+        out = torch.func.functional_call(_Widening(module), {f"program.{k}": v for k, v in fresh.items()}, flat)
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)] + restore_logical(ep, fresh)
 
 
-def _attribute(module: torch.nn.Module, name: str) -> object:
-    for part in name.split("."):
-        module = getattr(module, part, None)
-    return module
+class _Widening(torch.nn.Module):
+    """Runs a graph module node by node, widening each float weight to float64 as it is read."""
+
+    def __init__(self, program: torch.fx.GraphModule):
+        super().__init__()
+        self.program = program
+
+    def forward(self, *flat: torch.Tensor) -> object:
+        return _WideningInterpreter(self.program).run(*flat)
+
+
+class _WideningInterpreter(torch.fx.Interpreter):
+    def get_attr(self, target, args, kwargs):  # noqa: ANN001, ANN201 - torch.fx.Interpreter's signature
+        value = super().get_attr(target, args, kwargs)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64:
+            return value.double()
+        return value
 
 
 def _what_differs(ep: ExportedProgram, after: list, before: list, tolerance: Tolerance) -> str:

@@ -206,3 +206,44 @@ def test_the_rollback_message_names_the_random_input_without_template_braces():
     c = anefx.compile(ReluModel(), (x,), rules=[RELU_TO_ABS], precision="fp32", progress=False)
     detail = _record(c, "relu_to_abs").detail
     assert "wider range)" in detail and "{" not in detail
+
+
+class _Stateful(torch.nn.Module):
+    """Weights, a constant buffer, a tensor constant made in forward and a state the program writes."""
+
+    def __init__(self, widths: list[int], bias: bool):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b, bias=bias) for a, b in zip(widths, widths[1:]))
+        self.register_buffer("scale", torch.rand(widths[-1]) + 0.5)
+        self.register_buffer("total", torch.randn(widths[-1]))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        y = x * self.scale + torch.tensor([0.25])
+        self.total.copy_(self.total * 0.5 + y.sum(0))
+        return y * 1000.0, self.total + 1.0
+
+
+@settings(max_examples=12, deadline=None)
+@given(widths=st.lists(st.integers(1, 12), min_size=2, max_size=4), bias=st.booleans(),
+       batch=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_the_float64_run_widens_every_weight_constant_and_state(widths, bias, batch, seed):
+    """The float64 re-check reads each weight widened as the program uses it (never a float64 copy of all
+    weights at once): its outputs and new state equal the model run in float64, and the model is untouched."""
+    import copy
+
+    from anefx.pipeline import _run_float64
+
+    torch.manual_seed(seed)
+    model = _Stateful(widths, bias).eval()
+    x = torch.randn(batch, widths[0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ep = torch.export.export(copy.deepcopy(model), (x,)).run_decompositions({})  # states as mutation outputs
+    got = _run_float64(ep, ((x,), {}))
+    wide = copy.deepcopy(model).double()
+    expected = [*wide(x.double()), wide.total]
+    assert [t.dtype for t in got] == [torch.float64] * 3
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
