@@ -189,7 +189,7 @@ def _input_vars(op: Any) -> list[Any]:
 
 @dataclass
 class QuantizePlan:
-    """Which mode each weight got: name → (part, mode); `kept` counts the float consts left fp16."""
+    """Which part and mode each weight got: const name → (part, mode); mode "fp16" leaves it as it is."""
     weights: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def count(self, mode: str) -> int:
