@@ -207,7 +207,10 @@ def _softmax_axis(op: Any) -> int:
 
 
 def _measure(report: AimodelReport, graph: Any) -> None:
+    """Ranks and the largest dimension of the values ops compute (weights left out, as in a .mlpackage's report)."""
     for op in _body(graph):
+        if op.operation.name == DIALECT + "constant":
+            continue
         for value in op.results:
             shape = _shape(value.type)
             report.ranks[len(shape)] += 1
