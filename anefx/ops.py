@@ -73,6 +73,7 @@ def _register_converters() -> None:
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.frontend.torch.ops import _get_inputs
     from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY, register_torch_op
+    from coremltools.converters.mil.mil import types
 
     @register_torch_op(torch_alias=["anefx::layer_norm"])
     def anefx_layer_norm(context, node):
@@ -100,6 +101,23 @@ def _register_converters() -> None:
                           axis=0)
         end = mb.add(x=begin, y=np.array(update.shape, dtype=np.int32))
         context.add(mb.slice_update(x=x, update=update, begin=begin, end=end, name=node.name))
+
+    @register_torch_op(override=True)
+    def atan2(context, node):
+        """atan2 in every quadrant and on the axes, replacing coremltools' lowering (it gives 0 for
+        atan2(0, x < 0) where torch gives pi, and shifts |x| < 1e-8 by 2e-8, which flips the quadrant of a
+        tiny negative x and underflows in fp16). The angle comes from atan(min/max) of the magnitudes, which
+        never divides by zero and stays in [0, 1] for fp16, then is reflected into its quadrant."""
+        y, x = _get_inputs(context, node, expected=2)
+        y, x = (v if types.is_float(v.dtype) else mb.cast(x=v, dtype="fp32") for v in (y, x))
+        ay, ax = mb.abs(x=y), mb.abs(x=x)
+        high, low = mb.maximum(x=ay, y=ax), mb.minimum(x=ay, y=ax)
+        zero = mb.equal(x=high, y=0.0)
+        ratio = mb.select(cond=zero, a=0.0, b=mb.real_div(x=low, y=mb.select(cond=zero, a=1.0, b=high)))
+        angle = mb.atan(x=ratio)
+        angle = mb.select(cond=mb.greater(x=ay, y=ax), a=mb.sub(x=np.pi / 2, y=angle), b=angle)
+        angle = mb.select(cond=mb.less(x=x, y=0.0), a=mb.sub(x=np.pi, y=angle), b=angle)
+        context.add(mb.select(cond=mb.less(x=y, y=0.0), a=mb.mul(x=angle, y=-1.0), b=angle, name=node.name))
 
     if _TORCH_OPS_REGISTRY.get_func("index_copy") is None:  # coremltools 9 has none
         @register_torch_op(torch_alias=["index_copy"])
