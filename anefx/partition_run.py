@@ -24,6 +24,7 @@ from anefx.partition import (
     PartitionPlan,
     Segment,
     check_cpu_ops,
+    describe_node,
     op_name,
     plan_partition,
     region_inputs,
@@ -60,6 +61,8 @@ def compile_partitioned(model: torch.nn.Module, example_args: Any, example_kwarg
         if not plan.packages:
             raise PartitionError(_nothing_to_package(plan))
         weights = set(weight_names(cap.exported))
+        for segment in plan.packages:  # before any compile: a complex example cannot even be drawn
+            check_seam_dtypes(region_inputs(segment, weights), region_outputs(segment))
         values = record_values(cap, {n.name for s in plan.packages for n in region_inputs(s, weights)})
         try:
             packages = [compile_region(cap.exported, s, values, _with_progress(options, f"package {i}"))
@@ -173,6 +176,18 @@ def compile_region(ep: ExportedProgram, segment: Segment, values: dict[str, Any]
     module, inputs, _outputs = region_module(ep, segment)
     examples = tuple(values[n.name].reshape(1) if _is_scalar(n) else values[n.name] for n in inputs)
     return anefx_compile(module, examples, **options)
+
+
+def check_seam_dtypes(inputs: list[fx.Node], outputs: list[fx.Node]) -> None:
+    """A complex value cannot cross between the CPU and a package: CoreML programs have no complex type."""
+    for node, side in [*((n, "into") for n in inputs), *((n, "out of") for n in outputs)]:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.is_complex():
+            raise PartitionError(
+                f"`{node.name}` ({describe_node(node)}) is a complex tensor that would pass {side} a package; "
+                "CoreML programs have no complex type. Keep the op that makes it and the ops that read it on the "
+                "same side: name them in cpu_ops=[...] (e.g. the reader of an FFT), or read the complex result "
+                "with .abs(), .real/.imag or torch.view_as_real right after the op.")
 
 
 def _nodes_named_by(exc: LoweringError, plan: PartitionPlan) -> list[fx.Node]:

@@ -18,7 +18,16 @@ import torch
 from torch.utils import _pytree as pytree
 
 from anefx.errors import InvalidExampleError
-from anefx.partition_manifest import CPU_WEIGHTS, MANIFEST, SavedPartition, manifest_text, run_cpu_step
+from anefx.partition_manifest import (
+    CPU_WEIGHTS,
+    MANIFEST,
+    PartitionError,
+    SavedPartition,
+    manifest_text,
+    run_cpu_step,
+)
+
+_INT32 = torch.iinfo(torch.int32)
 
 PackageRunner = Callable[[list[torch.Tensor]], dict[str, np.ndarray]]
 
@@ -53,9 +62,15 @@ def _as_tensor(array: np.ndarray, spec: dict[str, Any]) -> torch.Tensor:
     return tensor.to(getattr(torch, spec["dtype"])).reshape(spec["shape"])
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
+def to_numpy(t: torch.Tensor, name: str = "") -> np.ndarray:
     t = t.detach().cpu()
     if t.dtype == torch.int64:
+        if t.numel() and (int(t.min()) < _INT32.min or int(t.max()) > _INT32.max):
+            bad = int(t.max()) if int(t.max()) > _INT32.max else int(t.min())
+            raise PartitionError(
+                f"`{name}` holds {bad} on its way into a package, outside the int32 range CoreML programs take "
+                "(±2147483647): it would change. Keep the op that reads it on the CPU too (cpu_ops=[...]), or keep "
+                "the value within int32.")
         return t.to(torch.int32).numpy()
     return t.float().numpy() if t.dtype in (torch.float64, torch.bfloat16) else t.numpy()
 
@@ -179,11 +194,11 @@ def _package_runner(path: Path, step: dict[str, Any], precision: str) -> Package
         from anefx.lower import _quiet_coremltools
 
         mlmodel = _quiet_coremltools().models.MLModel(str(path))
-        return lambda tensors: mlmodel.predict({n: to_numpy(t) for n, t in zip(names, tensors, strict=True)})
+        return lambda tensors: mlmodel.predict({n: to_numpy(t, n) for n, t in zip(names, tensors, strict=True)})
     from anefx.mil import load_mlpackage
 
     runner = load_mlpackage(path, precision=precision)
-    return lambda tensors: runner(**{n: to_numpy(t) for n, t in zip(names, tensors, strict=True)})
+    return lambda tensors: runner(**{n: to_numpy(t, n) for n, t in zip(names, tensors, strict=True)})
 
 
 _NOTICE_SHOWN = False

@@ -322,3 +322,30 @@ def test_a_region_that_fails_to_lower_moves_the_op_it_names_to_the_cpu():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AnefxNotice)
         assert _relative(c(x), model(x).detach()) <= 1e-4
+
+
+class ComplexSeam(nn.Module):
+    """An FFT kept on the CPU by cpu_ops whose complex result a package would read."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Block(), Block(17)
+
+    def forward(self, x):
+        spectrum = torch.fft.rfft(self.first(x))
+        return self.second(spectrum.abs())
+
+
+def test_a_complex_value_at_a_seam_is_refused_naming_the_fix():
+    with pytest.raises(PartitionError, match=r"complex tensor that would pass into a package.*cpu_ops") as info:
+        anefx.compile(ComplexSeam().eval(), (torch.randn(2, 8, 32),), partition=True,
+                      cpu_ops=["aten.fft_rfft"], progress=False)
+    assert len(str(info.value).splitlines()) <= 15
+
+
+def test_an_int64_seam_value_outside_int32_is_refused_not_wrapped():
+    from anefx.partitioned import to_numpy
+
+    assert to_numpy(torch.tensor([7, -3]), "n").dtype.name == "int32"
+    with pytest.raises(PartitionError, match=r"`n` holds 4294967296 .*int32.*cpu_ops"):
+        to_numpy(torch.tensor([1, 2**32]), "n")
