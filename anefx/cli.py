@@ -93,6 +93,10 @@ FormatOrDeploymentTarget = Annotated[str, typer.Option("--target", help="minimum
                                      "package, e.g. iOS18; or coreai: a Core AI model (.aimodel, iOS/macOS 27)")]
 Rules = Annotated[str | None, typer.Option(
     "--rules", help="comma-separated rule names to run, in this order (default: anefx's rule list)")]
+Quantize = Annotated[str | None, typer.Option(
+    "--quantize", help="weights: int8, lut8, lut6 or lut4; or per part, e.g. embeddings=int8,head=lut6,default=lut4")]
+GroupSize = Annotated[int | None, typer.Option("--group-size", help="with --quantize lutN: output channels per "
+                      "lookup table (default 16)")]
 Attention = Annotated[str | None, typer.Option(
     "--attention", help="split_heads (one attention per head, the default) or sdpa (keep fused attention)")]
 
@@ -118,7 +122,8 @@ def staged(console: Console, what: str) -> Iterator[Callable[[str], None]]:
 
 def _compile(target: str, examples: list[str] | None, console: Console, *, compute_units: str,
              precision: str, deployment_target: str, attention: str | None, rules: str | None,
-             progress: Callable[[str], None], buckets: list[str] | None = None, fmt: str = "coreml"):
+             progress: Callable[[str], None], buckets: list[str] | None = None, fmt: str = "coreml",
+             quantize: str | dict | None = None):
     from anefx.api import compile as anefx_compile
     from anefx.backend import BackendOptions, accepts_attention
     from anefx.target import example_inputs, load_target, parse_example
@@ -136,6 +141,8 @@ def _compile(target: str, examples: list[str] | None, console: Console, *, compu
     inputs = [*zip(names, args, strict=False), *kwargs.items()]
     console.print(f"[bold]{loaded.description}[/]: " + ", ".join(_describe(k, v) for k, v in inputs))
     extra = {} if fmt == "coreml" else {"target": fmt}  # another format: anefx.lower.target
+    if quantize is not None:
+        extra["quantize"] = quantize
     if buckets:  # one function per --bucket in one package (anefx.bucket_cli)
         from anefx.bucket_cli import bucket_calls
 
@@ -172,12 +179,19 @@ def compile_command(
                            "(aten.histc) or module paths (encoder.layer.1) to keep in torch")] = None,
         bucket: Annotated[list[str] | None, typer.Option("--bucket", help="also compile these input shapes, one "
                           "function each in the same package: NAME:SHAPE[,NAME:SHAPE…], e.g. input_ids:1x128 "
-                          "(repeatable; dtypes as the example's)")] = None) -> None:
+                          "(repeatable; dtypes as the example's)")] = None,
+        quantize: Quantize = None, group_size: GroupSize = None) -> None:
     """Compile TARGET into a .mlpackage (--target coreai: a .aimodel) and show what each rule did."""
     from anefx.lower.target import check_output, default_output, split_target
+    from anefx.quantize_apply import check_quantize
+    from anefx.quantize_cli import quantize_option
     from anefx.report import pass_table
 
     fmt, deployment_target = split_target(deployment_target)
+    quantized = quantize_option(quantize, group_size)
+    check_quantize(quantized, deployment_target, fmt)  # before loading the model
+    if quantized is not None and (partition or cpu_ops is not None):
+        fail("--quantize with --partition: quantize from Python (anefx.compile(..., partition=True, quantize=...)).")
     if partition or cpu_ops is not None:  # a folder of packages and CPU steps (anefx.partition_cli)
         from anefx.partition_cli import compile_partitioned_command
 
@@ -189,7 +203,8 @@ def compile_command(
     with staged(console, "compiling") as progress:
         loaded, compiled = _compile(target, example, console, compute_units=compute_units,
                                     precision=precision, deployment_target=deployment_target,
-                                    attention=attention, rules=rules, progress=progress, buckets=bucket, fmt=fmt)
+                                    attention=attention, rules=rules, progress=progress, buckets=bucket, fmt=fmt,
+                                    quantize=quantized)
         progress("save")
         path = compiled.save(output or default_output(fmt, loaded.name))
     for note in compiled.notes:
@@ -232,18 +247,23 @@ def compile_llm_command(
         max_chunk_mb: Annotated[float, typer.Option("--max-chunk-mb", help="largest chunk, in MB")] = 950.0,
         max_chunk_ops: Annotated[int, typer.Option("--max-chunk-ops", help="most MIL ops per chunk")] = 10_000,
         argmax: Annotated[bool, typer.Option("--argmax", help="return token ids, not logits")] = False,
-        precision: Precision = "fp16", deployment_target: DeploymentTarget = "iOS18") -> None:
+        precision: Precision = "fp16", deployment_target: DeploymentTarget = "iOS18",
+        quantize: Quantize = None, group_size: GroupSize = None) -> None:
     """Compile an HF causal LM into stateful CoreML chunks with prefill and decode functions."""
     from anefx.files import check_folder_target
     from anefx.llm.compile import compile_llm
     from anefx.llm.manifest import MANIFEST
+    from anefx.quantize_apply import check_quantize
+    from anefx.quantize_cli import quantize_option
     from anefx.target import load_target
 
     check_folder_target(output, MANIFEST, "a compiled LLM folder")  # refuse before a long compile
+    quantized = quantize_option(quantize, group_size)
+    check_quantize(quantized, deployment_target)
     with staged(console, "compiling") as progress:
         progress("load")
         loaded = load_target(target)
-        lm = compile_llm(loaded.model, context_length=context, prefill_length=prefill,
+        lm = compile_llm(loaded.model, context_length=context, prefill_length=prefill, quantize=quantized,
                          max_chunk_bytes=int(max_chunk_mb * 1e6), max_chunk_ops=max_chunk_ops,
                          argmax_in_model=argmax, precision=precision, deployment_target=deployment_target,
                          progress=progress)

@@ -43,3 +43,24 @@ def _modes(text: str | None) -> list[str]:
     if not modes:
         raise OptionError(f"--modes {text!r} names no mode; pass e.g. --modes int8,lut6,lut4.")
     return modes
+
+
+def quantize_option(text: str | None, group_size: int | None) -> str | dict[str, Any] | None:
+    """`--quantize lut4` or `--quantize embeddings=int8,head=lut6,default=lut4` (+ `--group-size N`) as
+    anefx.compile's `quantize=` value; anefx.quantize checks the modes and parts."""
+    if text is None:
+        if group_size is not None:
+            raise OptionError("--group-size applies to --quantize; pass e.g. --quantize lut4 --group-size 32.")
+        return None
+    if "=" not in text:
+        return text.strip() if group_size is None else {"default": text.strip(), "group_size": group_size}
+    parts: dict[str, Any] = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        part, _, mode = item.partition("=")
+        if not part.strip() or not mode.strip():
+            raise OptionError(f"--quantize {text!r}: write PART=MODE pairs separated by commas, e.g. "
+                              "embeddings=int8,head=lut6,default=lut4.")
+        parts[part.strip()] = mode.strip()
+    if group_size is not None:
+        parts["group_size"] = group_size
+    return parts

@@ -192,3 +192,24 @@ def test_real_process(model_file, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "wrote" in ok.stdout and out.is_dir()
     assert "FutureWarning" not in ok.stderr and "has not been tested" not in ok.stderr
+
+
+def test_compile_quantizes_weights_from_the_command_line(model_file, tmp_path):
+    out = tmp_path / "q.mlpackage"
+    argv = ["compile", f"{model_file}:model", "--example", "x:1x16x32", "-o", str(out), *RULES,
+            "--quantize", "lut4", "--group-size", "8"]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert "quantize weights" in result.output
+    histogram = package_report(out).histogram
+    assert histogram["conv"] == 2 and histogram["constexpr_lut_to_dense"] >= 1, histogram
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    (["--quantize", "lut5"], "not one of"),
+    (["--quantize", "embeddings=", "--group-size", "8"], "PART=MODE"),
+    (["--group-size", "8"], "--group-size applies to --quantize"),
+])
+def test_bad_quantize_options_are_refused_before_loading(tmp_path, options, says):
+    result = runner.invoke(app, ["compile", str(tmp_path / "missing.py:model"), *options])
+    assert result.exit_code == 2 and says in flat(result), result.output
