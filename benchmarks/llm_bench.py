@@ -47,7 +47,7 @@ def measure(name: str, context: int, prefill: int, workdir: Path) -> dict:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**MODELS[name][1])).eval()
     started = time.perf_counter()
-    lm = anefx.compile_llm(model, context_length=context, prefill_length=prefill, progress=False)
+    lm = anefx.compile_llm(model, context_length=context, prefill_length=prefill, progress=_stage_log(started))
     folder = lm.save(workdir / name)
     compile_s = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -69,6 +69,16 @@ def measure(name: str, context: int, prefill: int, workdir: Path) -> dict:
     return {"name": name, "label": MODELS[name][0], "context": context, "prefill": prefill, "chunks": chunks,
             "total_bytes": total, "ratio": total / single if single else None, "compile_s": compile_s,
             "peak_rss": peak, "prefill_call_s": prefill_s, "decode_step_s": min(steps)}
+
+
+def _stage_log(started: float):
+    """Each compile stage on stderr with the time and the peak RSS so far: a failed run's output ends with the
+    stage it died in (the parent prints the worker's stderr tail)."""
+    def say(stage: str) -> None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"{time.perf_counter() - started:8.1f} s  peak {peak:5.1f} GiB  {stage}", file=sys.stderr, flush=True)
+
+    return say
 
 
 def render(rows: list[dict], command: str) -> str:
