@@ -20,7 +20,8 @@ _METADATA = np.dtype([("sentinel", "<u4"), ("dtype", "<u4"), ("size", "<u8"), ("
 
 
 class BlobFile:
-    """One weight file, memory-mapped; `read(offset, dtype, shape)` returns a copy of one blob."""
+    """One weight file, memory-mapped; `read(offset, dtype, shape)` returns one blob as a read-only
+    view of the mapped file (the functions of a package, and every run, share its pages; nothing is copied)."""
 
     def __init__(self, path: Path):
         if not path.is_file():
@@ -55,4 +56,4 @@ class BlobFile:
         if size != count * dtype.itemsize:
             raise MilProgramError(f"{self.path}: blob at offset {offset} holds {size} bytes, expected "
                                   f"{count * dtype.itemsize} for {dtype} {shape}.")
-        return np.array(self.data[start:start + size].view(dtype).reshape(shape))
+        return self.data[start:start + size].view(dtype).reshape(shape)  # read-only, mapped: no copy

@@ -99,8 +99,11 @@ class MilRunner:
         return self.float_dtype if ttype.is_float else ttype.dtype
 
     def _stored_constant(self, value: Any) -> Any:
+        """A weight in the program's precision, as stored (a view of the weight file when it already is): it
+        is widened to float32 only while an op reads it, so a runner never holds a float32 copy of all
+        weights (a 1B model's two functions held two)."""
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":
-            return self._to_kernel(value.astype(self.float_dtype))
+            return value.astype(self.float_dtype, copy=False)
         return value
 
     # -- running ---------------------------------------------------------------------------------------
@@ -122,7 +125,7 @@ class MilRunner:
             env[name] = self._store(op, name, ttype, value)
 
     def _argument(self, name: str, bindings: list[str | Literal], env: dict[str, Any]) -> Any:
-        values = [self._to_kernel(b.value) if isinstance(b, Literal) else env[b] for b in bindings]
+        values = [self._to_kernel(b.value if isinstance(b, Literal) else env[b]) for b in bindings]
         if name in VARIADIC_ARGUMENTS:
             return tuple(values)
         return values[0]
