@@ -6,7 +6,7 @@
 - `anefx.graph.topological_order` restores any shuffled DAG, stably.
 - `anefx.rule.apply_rule` applies chained and adjacent matches (each reading the previous one's output).
 
-The default run draws 50 models (derandomized: the same ones on every run); `-m slow` draws 250 more (sized so the whole CI run stays within its time budget).
+The default run draws 50 models (derandomized: the same ones on every run); `-m slow` draws 150 more (sized so the whole CI run stays within its time budget).
 `python -m tests.fuzz.run --examples N --seed S` runs the fuzzer at length and logs every failure.
 """
 
@@ -35,7 +35,7 @@ def test_fuzzed_models_compile_equal_or_refuse(case):
 
 
 @pytest.mark.slow
-@settings(FUZZ, max_examples=250)
+@settings(FUZZ, max_examples=150)
 @given(fuzz_cases(max_blocks=6))
 def test_fuzzed_models_compile_equal_or_refuse_at_length(case):
     check_case(case)
