@@ -20,7 +20,7 @@ _METADATA = np.dtype([("sentinel", "<u4"), ("dtype", "<u4"), ("size", "<u8"), ("
 
 
 class BlobFile:
-    """One weight file, memory-mapped; `read(offset, dtype, shape)` returns one blob as a read-only
+    """One weight file, memory-mapped; `read(offset, dtype, shape)` returns one blob as a copy-on-write
     view of the mapped file (the functions of a package, and every run, share its pages; nothing is copied)."""
 
     def __init__(self, path: Path):
@@ -30,7 +30,7 @@ class BlobFile:
         if path.stat().st_size == 0:
             raise MilProgramError(f"weight file {path} is empty; the .mlpackage is incomplete, save it again.")
         self.path = path
-        self.data = np.memmap(path, dtype=np.uint8, mode="r")
+        self.data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: never writes the file
 
     def entry(self, offset: int) -> tuple[int, int]:
         """(start, size in bytes) of the data of the blob whose metadata is at `offset`, checked to lie
@@ -56,4 +56,4 @@ class BlobFile:
         if size != count * dtype.itemsize:
             raise MilProgramError(f"{self.path}: blob at offset {offset} holds {size} bytes, expected "
                                   f"{count * dtype.itemsize} for {dtype} {shape}.")
-        return self.data[start:start + size].view(dtype).reshape(shape)  # read-only, mapped: no copy
+        return self.data[start:start + size].view(dtype).reshape(shape)  # mapped pages, copied only if written
