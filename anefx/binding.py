@@ -170,17 +170,24 @@ class InputBinding:
                                                                    strict=True)) or "no tensors"
 
 
+def int32_outlier(t: torch.Tensor) -> int | None:
+    """A value of an int64 tensor outside int32 (what CoreML programs take), or None when all fit."""
+    if t.dtype != torch.int64 or not t.numel():
+        return None
+    lo, hi = int(t.min()), int(t.max())
+    if hi > _INT32.max:
+        return hi
+    return lo if lo < _INT32.min else None
+
+
 def check_representable(name: str, t: torch.Tensor) -> None:
     """CoreML takes int32 for integer inputs and float32 at most for float inputs: a value outside those
     types is an error (it would silently change), a float64 input is narrowed with a notice."""
-    if t.dtype == torch.int64 and t.numel():
-        lo, hi = int(t.min()), int(t.max())
-        if lo < _INT32.min or hi > _INT32.max:
-            bad = hi if hi > _INT32.max else lo
-            raise InvalidExampleError(
-                f"input `{name}` holds {bad}, outside the int32 range CoreML programs take (±2147483647); "
-                "integer inputs are passed as int32, so this value would change. Pass values within int32 "
-                "(or a float tensor for large numbers).")
+    if (bad := int32_outlier(t)) is not None:
+        raise InvalidExampleError(
+            f"input `{name}` holds {bad}, outside the int32 range CoreML programs take (±2147483647); "
+            "integer inputs are passed as int32, so this value would change. Pass values within int32 "
+            "(or a float tensor for large numbers).")
     if t.dtype == torch.float64:
         finite = t[torch.isfinite(t)]
         if finite.numel() and float(finite.abs().max()) > _FP32_MAX:

@@ -135,13 +135,13 @@ class CompiledModel:
         """The call's tensors by input name: bound to the model's forward by name (see anefx.binding)."""
         if self._binding is not None:
             tensors = self._binding.tensors(args, kwargs)
-            return {name: _to_numpy(t) for name, t in zip(self.input_names, tensors, strict=True)}
+            return {name: to_coreml_numpy(t) for name, t in zip(self.input_names, tensors, strict=True)}
         flat = pytree.tree_leaves((args, {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}))
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         if len(tensors) != len(self.input_names):
             raise InvalidExampleError(f"expected {len(self.input_names)} tensor inputs "
                                       f"({', '.join(self.input_names)}), got {len(tensors)}.")
-        return {name: _to_numpy(t) for name, t in zip(self.input_names, tensors, strict=True)}
+        return {name: to_coreml_numpy(t) for name, t in zip(self.input_names, tensors, strict=True)}
 
     def _runner(self, precision: str) -> Any:
         if precision not in self._runners:
@@ -168,12 +168,12 @@ class CompiledModel:
                  "op_delta": p.op_delta, "ms": round(p.ms, 1)} for p in self.passes]
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
+def to_coreml_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor as a CoreML program takes it: int64 as int32, float64 and bfloat16 as float32."""
+    t = t.detach().cpu()
     if t.dtype == torch.int64:
         return t.to(torch.int32).numpy()
-    if t.dtype == torch.float64:
-        return t.detach().cpu().float().numpy()
-    return t.detach().cpu().numpy()
+    return t.float().numpy() if t.dtype in (torch.float64, torch.bfloat16) else t.numpy()
 
 
 def _notice_once(message: str) -> None:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
+from anefx.binding import int32_outlier
+from anefx.compiled import to_coreml_numpy
 from anefx.errors import InvalidExampleError
 from anefx.partition_manifest import (
     CPU_WEIGHTS,
@@ -26,8 +28,6 @@ from anefx.partition_manifest import (
     manifest_text,
     run_cpu_step,
 )
-
-_INT32 = torch.iinfo(torch.int32)
 
 PackageRunner = Callable[[list[torch.Tensor]], dict[str, np.ndarray]]
 
@@ -63,16 +63,12 @@ def _as_tensor(array: np.ndarray, spec: dict[str, Any]) -> torch.Tensor:
 
 
 def to_numpy(t: torch.Tensor, name: str = "") -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype == torch.int64:
-        if t.numel() and (int(t.min()) < _INT32.min or int(t.max()) > _INT32.max):
-            bad = int(t.max()) if int(t.max()) > _INT32.max else int(t.min())
-            raise PartitionError(
-                f"`{name}` holds {bad} on its way into a package, outside the int32 range CoreML programs take "
-                "(±2147483647): it would change. Keep the op that reads it on the CPU too (cpu_ops=[...]), or keep "
-                "the value within int32.")
-        return t.to(torch.int32).numpy()
-    return t.float().numpy() if t.dtype in (torch.float64, torch.bfloat16) else t.numpy()
+    if (bad := int32_outlier(t)) is not None:
+        raise PartitionError(
+            f"`{name}` holds {bad} on its way into a package, outside the int32 range CoreML programs take "
+            "(±2147483647): it would change. Keep the op that reads it on the CPU too (cpu_ops=[...]), or keep "
+            "the value within int32.")
+    return to_coreml_numpy(t)
 
 
 @dataclass
