@@ -28,7 +28,7 @@ A constant window multiplied into the signal just before the FFT is folded into 
 
 The complex result's readers become real arithmetic: `.abs()` → sqrt(re² + im²), `.abs() ** 2` →
 re² + im², `torch.view_as_real` → stack([re, im], -1), `.real` / `.imag` → re / im, `.angle()` →
-atan2(im, re) (π on the negative real axis, where coremltools' own atan2 lowering returns 0).
+atan2(im, re) (π on the negative real axis, through anefx's atan2 converter).
 
 Refuses (the FFT stays, and lowering names it): a complex input; a result read by any other op (the
 reason names it and the readers anefx rewrites); a complex program output.
@@ -187,10 +187,8 @@ def _replace_reader(user: fx.Node, re: fx.Node, im: fx.Node, power: fx.Node, op)
 
 
 def _angle(re: fx.Node, im: fx.Node, op) -> fx.Node:
-    """atan2(im, re), and π where im == 0 and re < 0 (a real negative bin, as torch.angle gives): coremltools
-    lowers atan2 as atan(im / re) plus quadrant terms that all need im ≠ 0, so it would return 0 there."""
-    negative_real = op(aten.logical_and.default, op(aten.eq.Scalar, im, 0), op(aten.lt.Scalar, re, 0))
-    return op(aten.where.self, negative_real, op(aten.full_like.default, re, math.pi), op(aten.atan2.default, im, re))
+    """atan2(im, re): π on the negative real axis too, as torch.angle gives (anefx's atan2 converter, anefx.ops)."""
+    return op(aten.atan2.default, im, re)
 
 
 def _is_square(node: fx.Node) -> bool:
